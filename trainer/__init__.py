@@ -1,0 +1,1 @@
+"""TrainTrain: LoRA / iLECO / Difference / ADDifT training for Stable Diffusion."""
