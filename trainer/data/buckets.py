@@ -132,26 +132,28 @@ def pick_sub_buckets(size: tuple[int, int], buckets: Sequence[Bucket], count: in
 def resize_and_crop(
     image: Image.Image, bucket: Bucket, error: float, disable_upscale: bool
 ) -> Image.Image | None:
-    """Scale ``image`` (LANCZOS) so it covers ``bucket``, then centre-crop to it exactly.
+    """Scale ``image`` (LANCZOS) so it covers ``bucket`` and centre-crop it to exactly that size.
 
-    ``error <= 0`` (image relatively wider than the bucket): match the height;
-    otherwise match the width. Returns None when ``disable_upscale`` is set and the
-    matched side is smaller than the bucket's.
+    ``error <= 0`` (image relatively wider than the bucket): the height is matched and
+    the width centre-cropped; otherwise the width is matched and the height cropped.
+    Returns None when ``disable_upscale`` is set and the matched side is smaller than
+    the bucket's. The crop box is computed in source pixels (integers) and resized in
+    one step, so an extreme aspect ratio never builds a huge intermediate image.
     """
     bucket_w, bucket_h = bucket
     width, height = image.size
     if error <= 0:
         if disable_upscale and height < bucket_h:
             return None
-        new_size = (max(bucket_w, round(width * bucket_h / height)), bucket_h)
+        crop_w = min(width, max(1, round(height * bucket_w / bucket_h)))
+        left = (width - crop_w) // 2
+        box = (left, 0, left + crop_w, height)
     else:
         if disable_upscale and width < bucket_w:
             return None
-        new_size = (bucket_w, max(bucket_h, round(height * bucket_w / width)))
-    if new_size != image.size:
-        image = image.resize(new_size, _RESAMPLING.LANCZOS)
-    left = (new_size[0] - bucket_w) // 2
-    top = (new_size[1] - bucket_h) // 2
-    if (left, top) == (0, 0) and new_size == (bucket_w, bucket_h):
-        return image
-    return image.crop((left, top, left + bucket_w, top + bucket_h))
+        crop_h = min(height, max(1, round(width * bucket_h / bucket_w)))
+        top = (height - crop_h) // 2
+        box = (0, top, width, top + crop_h)
+    if box == (0, 0, width, height) and image.size == (bucket_w, bucket_h):
+        return image.copy()
+    return image.resize((bucket_w, bucket_h), _RESAMPLING.LANCZOS, box=box)
