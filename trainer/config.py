@@ -35,7 +35,7 @@ __all__ = [
     "Setting", "SettingError", "SETTINGS", "ORIGINAL_SETTINGS", "ADDED_SETTINGS", "SETTINGS_BY_NAME",
     "get_setting", "settings_for_mode", "parse_kwargs_string", "format_kwargs_string",
     "Config", "load_preset", "save_preset", "describe_settings", "add_arguments", "apply_args",
-    "overrides_from_args",
+    "overrides_from_args", "shortcut_overrides",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -868,6 +868,9 @@ for _s in SETTINGS:
     for _alias in (_s.name, _s.key, _s.label, _s.name.replace("_", " ")):
         _BY_KEY.setdefault(_alias.casefold(), _s)
 _BY_KEY["train_fixed_timesteps_in_batch"] = SETTINGS_BY_NAME["train_fixed_timsteps_in_batch"]
+_BY_KEY["train fixed timesteps in batch"] = SETTINGS_BY_NAME["train_fixed_timsteps_in_batch"]
+#: Keys that contain "=" themselves ("network_blocks(BASE = TextEncoder)"), longest first.
+_KEYS_WITH_EQUALS = sorted((k for k in _BY_KEY if "=" in k), key=len, reverse=True)
 _D2_NAMES = frozenset(s.name for s in SETTINGS if "Difference2" in s.modes)
 
 #: Non-setting fields of a job: attribute → JSON key as the original writes it.
@@ -1117,6 +1120,11 @@ class Config:
                     raise SettingError(f"--set: {_show(p)} is not KEY=VALUE (e.g. train_iterations=500)",
                                        value=p)
                 k, _, v = p.partition("=")
+                low = p.strip().casefold()
+                for full in _KEYS_WITH_EQUALS:  # the key itself may contain "="
+                    if low.startswith(full) and low[len(full):].lstrip().startswith("="):
+                        k, v = full, p.strip()[len(full):].lstrip()[1:]
+                        break
                 items.append((k, v))
         kw: dict[str, Any] = {}
         second: dict[str, Any] = {}
@@ -1173,15 +1181,14 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The original's JSON format: every row under its full key, values as the original
-        writes them, then "mode", "model", "vae", "te", the prompts and images, and (Difference
-        mode) "2nd pass": a dict of the same keys, or null when the 2nd pass is off."""
+        writes them, then "mode", "model", "vae", "te", the prompts and images, and "2nd pass":
+        a dict of the same keys (Difference with the 2nd pass on), else null."""
         out: dict[str, Any] = {s.key: s.format(self.__dict__[s.name]) for s in SETTINGS}
         for attr, key in META_KEYS.items():
             v = self.__dict__[attr]
             out[key] = "None" if attr in ("vae", "te") and v == "" else v
-        if self.mode == "Difference":
-            sp = self.second_pass
-            out["2nd pass"] = None if sp is None else {s.key: s.format(sp.__dict__[s.name]) for s in SETTINGS}
+        sp = self.second_pass
+        out["2nd pass"] = None if sp is None else {s.key: s.format(sp.__dict__[s.name]) for s in SETTINGS}
         return out
 
     def to_json(self) -> str:
@@ -1396,33 +1403,38 @@ _SHORTCUTS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--set KEY=VALUE`` (repeatable), the shortcuts ``--iterations --lr --rank --alpha
-    --batch-size --name --seed`` and ``--list-settings`` to an argparse parser.  Read the result
-    with :func:`apply_args`.  Destinations are prefixed ``cfg_`` to avoid clashes."""
+    """Add ``--set KEY=VALUE`` (repeatable, ``args.set``), the shortcuts ``--iterations --lr --rank
+    --alpha --batch-size --name --seed`` (read them with :func:`shortcut_overrides`) and
+    ``--list-settings`` (``args.list_settings``) to an argparse parser.  :func:`apply_args` applies
+    all of them to a Config."""
     group = parser.add_argument_group("training settings")
-    group.add_argument("--set", dest="cfg_set", action="append", default=[], metavar="KEY=VALUE",
+    group.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
                        help="set any setting by short name or JSON key (repeatable), e.g. "
-                            "--set network_type=c3lier --set 'image_size=768,512'; prefix 2nd. for the "
-                            "Difference 2nd pass")
+                            "--set network_type=c3lier --set image_size=768,512; prefix 2nd. for the "
+                            "Difference 2nd pass (--set 2nd.network_rank=4)")
     for flag, name, text in _SHORTCUTS:
         group.add_argument(flag, dest="cfg_" + name, default=None, metavar=name.upper().split("_")[-1],
-                           help=f"{text} (= --set {name}=…)")
-    group.add_argument("--list-settings", dest="cfg_list_settings", action="store_true",
+                           help=f"{text} (= --set {name}=...)")
+    group.add_argument("--list-settings", dest="list_settings", action="store_true",
                        help="list every setting with its default, allowed values and help, then exit")
     return parser
 
 
-def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    """The ``KEY=VALUE`` overrides given on the command line (shortcuts first, then --set)."""
+def shortcut_overrides(args: argparse.Namespace) -> list[str]:
+    """``KEY=VALUE`` overrides from the named shortcuts (--iterations, --lr, …) that were given."""
     pairs = []
     for _flag, name, _text in _SHORTCUTS:
         v = getattr(args, "cfg_" + name, None)
         if v is not None:
             pairs.append(f"{name}={v}")
-    pairs += list(getattr(args, "cfg_set", None) or [])
     return pairs
 
 
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """Every ``KEY=VALUE`` override of the command line: --set entries, then the shortcuts."""
+    return list(getattr(args, "set", None) or []) + shortcut_overrides(args)
+
+
 def apply_args(cfg: Config, args: argparse.Namespace) -> Config:
-    """``cfg`` with the command line's shortcuts and --set overrides applied."""
+    """``cfg`` with the command line's --set overrides and shortcuts applied."""
     return cfg.with_overrides(overrides_from_args(args))
