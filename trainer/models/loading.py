@@ -1,0 +1,350 @@
+"""Reading checkpoints safely and turning them into ready-to-use modules."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+
+from .configs import ModelConfigs, build_models, configs_for
+from .convert import (
+    VAE_PREFIX,
+    canonical_te_keys,
+    diffusers_to_ldm,
+    is_ldm_vae,
+    ldm_to_diffusers,
+    module_te_keys,
+    vae_from_ldm,
+)
+from .errors import ModelError
+from .families import Family, ModelInfo, detect, family_from_context_width
+from .tokenizer import clip_tokenizer
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# safetensors metadata written by save_ldm_checkpoint
+META_CONFIGS = "traintrain.configs"
+META_NAME = "traintrain.name"
+META_V_PRED = "traintrain.v_pred"
+
+
+@dataclass
+class Components:
+    """The frozen model parts a training run works with (all in eval mode, no grad).
+
+    ``text_encoders`` / ``tokenizers``: one for SD1/SD2, two for SDXL (CLIP-L, OpenCLIP-bigG).
+    Latents: ``vae.encode(x).latent_dist.sample() * scaling_factor`` with x in [-1, 1].
+    ``extras``: LDM tensors kept only to write the checkpoint back (SD2 ``text_projection``).
+    """
+
+    info: ModelInfo
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    scaling_factor: float
+    name: str
+    configs: Optional[ModelConfigs] = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> Family:
+        return self.info.family
+
+    def modules(self) -> list:
+        return [self.unet, self.vae, *self.text_encoders]
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read_safetensors_metadata(path: Union[str, Path]) -> dict:
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - reported with the file name
+        raise ModelError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def read_state_dict(path: Union[str, Path]) -> dict:
+    """Tensors of a ``.safetensors`` file, or of a ``.ckpt/.pt/.pth/.bin`` read with
+    ``torch.load(weights_only=True)`` (a nested ``state_dict`` is unwrapped). A pickle
+    that wants to run code is refused with :class:`ModelError`; nothing is executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"{path}: not a readable safetensors file ({e})") from e
+    if suffix not in PICKLE_SUFFIXES:
+        raise ModelError(f"{path}: unsupported file type {suffix!r} (use .safetensors, .ckpt, .pt, .pth or .bin)")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelError(
+            f"{path}: refused to load: the pickle contains objects other than tensors "
+            f"(it may try to run code). Convert it to .safetensors with a tool you trust. Detail: {e}"
+        ) from e
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ModelError(f"{path}: no tensors found")
+    return tensors
+
+
+# ---------------------------------------------------------------- loading into modules
+
+
+def _cast(sd: Mapping, dtype: torch.dtype) -> dict:
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def load_into(module: torch.nn.Module, sd: Mapping, what: str, dtype: Optional[torch.dtype] = None) -> None:
+    """Strictly load ``sd`` into ``module`` (built on meta or CPU) with ``assign=True``.
+
+    Missing, unexpected or wrongly shaped keys raise :class:`ModelError` naming them.
+    Non-persistent buffers left on the meta device (``position_ids``) are recreated.
+    """
+    sd = dict(sd)
+    if dtype is not None:
+        sd = _cast(sd, dtype)
+    own = module.state_dict()
+    for k in own:
+        if k.endswith("embeddings.position_ids") and k not in sd:
+            sd[k] = torch.arange(own[k].shape[-1]).expand(1, -1).clone()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+
+    def show(keys):
+        return ", ".join(keys[:10]) + (f" (and {len(keys) - 10} more)" if len(keys) > 10 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {show(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
+    if wrong:
+        problems.append("shape mismatch: " + show([f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in wrong]))
+    if problems:
+        raise ModelError(f"{what}: " + "; ".join(problems))
+    module.load_state_dict(sd, strict=True, assign=True)
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:
+            if name.endswith("position_ids"):
+                owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+                owner.register_buffer(name.rsplit(".", 1)[-1], torch.arange(buf.shape[-1]).expand(1, -1).clone(),
+                                      persistent=False)
+            else:
+                raise ModelError(f"{what}: buffer {name} was not initialised")
+    for name, p in module.named_parameters():
+        if p.is_meta:
+            raise ModelError(f"{what}: parameter {name} was not loaded")
+    module.requires_grad_(False)
+    module.eval()
+
+
+def components_from_state_dicts(converted: Mapping, info: ModelInfo, configs: ModelConfigs,
+                                dtype: torch.dtype = torch.float32, name: str = "", where: str = "") -> Components:
+    """Build modules on meta and load the converted state dicts (from :func:`ldm_to_diffusers`)."""
+    unet, vae, tes = build_models(configs, device="meta", dtype=dtype)
+    load_into(unet, converted["unet"], f"{where} U-Net", dtype)
+    load_into(vae, converted["vae"], f"{where} VAE", dtype)
+    for i, (te, sd) in enumerate(zip(tes, converted["text_encoders"])):
+        load_into(te, module_te_keys(sd, te), f"{where} text encoder {i + 1}", dtype)
+    return Components(
+        info=info, unet=unet, vae=vae, text_encoders=tes,
+        tokenizers=[clip_tokenizer(p) for p in configs.pad_tokens],
+        scaling_factor=configs.scaling_factor, name=name, configs=configs,
+        extras=dict(converted.get("extras") or {}),
+    )
+
+
+def load_vae_file(path: Union[str, Path], vae: torch.nn.Module, vae_config: Mapping,
+                  dtype: torch.dtype = torch.float32) -> None:
+    """Replace ``vae``'s weights with a separate VAE file (LDM keys with or without
+    ``first_stage_model.``, or diffusers keys), strictly."""
+    sd = read_state_dict(path)
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
+    if is_ldm_vae(sd):
+        sd = vae_from_ldm(sd, vae_config, where=str(path))
+    load_into(vae, sd, f"VAE file {path}", dtype)
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "unet").is_dir() and (path / "vae").is_dir()
+
+
+def _configs_from_metadata(meta: Mapping, path: Path) -> Optional[ModelConfigs]:
+    raw = meta.get(META_CONFIGS)
+    if not raw:
+        return None
+    try:
+        d = json.loads(raw)
+        return ModelConfigs(
+            name=d["name"], family=Family(d["family"]), unet=d["unet"], vae=d["vae"],
+            text_encoders=tuple(d["text_encoders"]), text_encoder_classes=tuple(d["text_encoder_classes"]),
+            pad_tokens=tuple(d["pad_tokens"]), scaling_factor=float(d["scaling_factor"]),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}: invalid {META_CONFIGS} metadata ({e})") from e
+
+
+def _folder_family(path: Path, unet_cfg: Mapping) -> Family:
+    width = unet_cfg.get("cross_attention_dim", 0)
+    try:
+        return family_from_context_width(width, str(path))
+    except ModelError:
+        pass
+    # non-standard widths (small test models): decide from the structure
+    if unet_cfg.get("addition_embed_type") == "text_time" and (path / "text_encoder_2").is_dir():
+        return Family.SDXL
+    te_cfg = path / "text_encoder" / "config.json"
+    if te_cfg.is_file() and unet_cfg.get("down_block_types") == configs_for(Family.SD1).unet["down_block_types"]:
+        act = json.loads(te_cfg.read_text()).get("hidden_act")
+        return Family.SD2 if act == "gelu" else Family.SD1
+    return family_from_context_width(width, str(path))  # raises with the message
+
+
+def _load_diffusers_folder(path: Path, v_pred: Optional[bool], dtype: torch.dtype) -> Components:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import transformers
+
+    unet_cfg_file = path / "unet" / "config.json"
+    if not unet_cfg_file.is_file():
+        raise ModelError(f"{path}: diffusers folder without unet/config.json")
+    unet_cfg = json.loads(unet_cfg_file.read_text())
+    family = _folder_family(path, unet_cfg)
+    if v_pred is None:
+        sched = path / "scheduler" / "scheduler_config.json"
+        v_pred = sched.is_file() and json.loads(sched.read_text()).get("prediction_type") == "v_prediction"
+    info = ModelInfo(family, bool(v_pred))
+    base = configs_for(family)
+    kw = dict(local_files_only=True, torch_dtype=dtype)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kw)
+        tes = []
+        for i, cls_name in enumerate(base.text_encoder_classes):
+            sub = "text_encoder" if i == 0 else "text_encoder_2"
+            tes.append(getattr(transformers, cls_name).from_pretrained(str(path), subfolder=sub, **kw))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot load diffusers folder ({e})") from e
+    for m in (unet, vae, *tes):
+        m.requires_grad_(False)
+        m.eval()
+    def plain(d: Mapping) -> dict:
+        return {k: v for k, v in dict(d).items() if not k.startswith("_") and k != "transformers_version"}
+
+    cfgs = ModelConfigs(
+        name=path.name, family=family, unet=plain(unet.config), vae=plain(vae.config),
+        text_encoders=tuple(plain(te.config.to_diff_dict()) for te in tes),
+        text_encoder_classes=base.text_encoder_classes, pad_tokens=base.pad_tokens,
+        scaling_factor=float(vae.config.get("scaling_factor") or base.scaling_factor),
+    )
+    return Components(
+        info=info, unet=unet, vae=vae, text_encoders=tes,
+        tokenizers=[clip_tokenizer(p) for p in base.pad_tokens],
+        scaling_factor=cfgs.scaling_factor, name=path.name, configs=cfgs,
+    )
+
+
+def load_components(path: Union[str, Path, None] = None, vae_path: Union[str, Path, None] = None,
+                    v_pred: Optional[bool] = None, dtype: torch.dtype = torch.float32) -> Components:
+    """Load a model: a single-file LDM/SGM checkpoint, a diffusers folder, or (``path=None``)
+    the embedded tiny model. ``vae_path`` replaces the VAE (strictly). ``v_pred`` overrides
+    what the files say (SD2 768-v cannot be told from its weights)."""
+    if path is None:
+        from .tiny import tiny_components
+
+        comps = tiny_components()
+        if dtype != torch.float32:
+            for m in comps.modules():
+                torch.nn.Module.to(m, dtype=dtype)
+        if v_pred is not None:
+            comps.info = ModelInfo(comps.info.family, bool(v_pred))
+    else:
+        p = Path(path)
+        if p.is_dir():
+            if not _is_diffusers_folder(p):
+                raise ModelError(f"{p}: folder is not a diffusers model (needs unet/ and vae/ subfolders)")
+            comps = _load_diffusers_folder(p, v_pred, dtype)
+        else:
+            sd = read_state_dict(p)
+            meta = read_safetensors_metadata(p)
+            cfgs = _configs_from_metadata(meta, p)
+            if cfgs is not None:
+                hint = v_pred if v_pred is not None else (meta.get(META_V_PRED) == "true" or None)
+                info = ModelInfo(cfgs.family, bool(hint) or "v_pred" in sd)
+            else:
+                info = detect(sd, v_pred, where=str(p))
+                cfgs = configs_for(info.family)
+            converted = ldm_to_diffusers(sd, info, cfgs, where=str(p))
+            del sd
+            comps = components_from_state_dicts(converted, info, cfgs, dtype, meta.get(META_NAME) or p.stem, str(p))
+    if vae_path is not None:
+        load_vae_file(vae_path, comps.vae, comps.configs.vae if comps.configs else configs_for(comps.family).vae, dtype)
+    return comps
+
+
+def checkpoint_state_dict(components: Components) -> dict:
+    """The LDM/SGM single-file state dict of ``components``."""
+    cfgs = components.configs or configs_for(components.family)
+    return diffusers_to_ldm(
+        components.unet.state_dict(), components.vae.state_dict(),
+        [canonical_te_keys(te.state_dict()) for te in components.text_encoders],
+        components.info, extras=components.extras, configs=cfgs,
+    )
+
+
+def save_ldm_checkpoint(components: Components, path: Union[str, Path]) -> Path:
+    """Write ``components`` as one LDM/SGM ``.safetensors`` file (atomically).
+
+    The architecture configs go into the metadata, so models with non-standard sizes
+    (the tiny model) load back without detection."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    cfgs = components.configs or configs_for(components.family)
+    sd = {k: v.detach().contiguous() for k, v in checkpoint_state_dict(components).items()}
+    meta = {
+        META_NAME: components.name,
+        META_V_PRED: "true" if components.info.v_pred else "false",
+        META_CONFIGS: json.dumps({
+            "name": cfgs.name, "family": cfgs.family.value, "unet": cfgs.unet, "vae": cfgs.vae,
+            "text_encoders": list(cfgs.text_encoders), "text_encoder_classes": list(cfgs.text_encoder_classes),
+            "pad_tokens": list(cfgs.pad_tokens), "scaling_factor": cfgs.scaling_factor,
+        }, default=list),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
