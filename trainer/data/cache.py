@@ -44,7 +44,7 @@ def latent_key(pixels: torch.Tensor, key_extra: str) -> str:
     digest.update(_KEY_VERSION + b"\0" + key_extra.encode("utf-8") + b"\0")
     digest.update(f"{tuple(pixels.shape)}|{pixels.dtype}".encode("ascii") + b"\0")
     raw = pixels.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    digest.update(memoryview(raw))
+    digest.update(raw.data)
     return digest.hexdigest()
 
 

@@ -6,10 +6,11 @@ real transparency, an ``L`` alpha image. Anything unreadable raises
 
 Large images: Pillow's process-wide decompression-bomb limit
 (``Image.MAX_IMAGE_PIXELS``, ~89 Mpx warning / ~179 Mpx error by default) is *not*
-changed here, because it is shared with the host (the Web-UI). Images between the
-warning and the error threshold load without the warning (they are the user's own
-training data); images above the error threshold raise a clear :class:`DataError`
-that tells the user to downscale them. To keep memory bounded, ``load_image``
+changed here, because it is shared with the host (the Web-UI); nor are the warning
+filters (process-wide too, and not thread-safe to swap). Images between the warning
+and the error threshold load, with Pillow's one-line DecompressionBombWarning; images
+above the error threshold raise a clear :class:`DataError` that tells the user to
+downscale them. To keep memory bounded, ``load_image``
 takes ``max_side``: JPEGs are then decoded at a reduced scale (``draft``) and other
 formats are box-reduced (``reduce``) right after decoding, never below ``max_side``
 on the shorter side, so the later LANCZOS resize and the ``disable_upscale`` check
@@ -18,7 +19,6 @@ see the same situation as with the full-size image.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,16 +91,14 @@ def load_image(path: Path | str, *, max_side: int | None = None) -> LoadedImage:
     if size_on_disk == 0:
         raise DataError(f"Image {str(path)!r} is empty (0 bytes).")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                if max_side is not None:
-                    _draft(opened, max_side)
-                opened.load()
-                image = _apply_exif_orientation(opened)
-                if max_side is not None:
-                    image = _reduce(image, max_side)
-                rgb, alpha = _to_rgb_and_alpha(image)
+        with Image.open(path) as opened:
+            if max_side is not None:
+                _draft(opened, max_side)
+            opened.load()
+            image = _apply_exif_orientation(opened)
+            if max_side is not None:
+                image = _reduce(image, max_side)
+            rgb, alpha = _to_rgb_and_alpha(image)
     except DataError:
         raise
     except Image.DecompressionBombError as exc:
