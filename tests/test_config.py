@@ -138,6 +138,14 @@ def test_choice_lists():
     assert C.LORA_PRECISIONS == C.VAE_PRECISIONS == ("fp32", "bf16", "fp16")
 
 
+def test_choice_lists_match_the_optimizer_layer():
+    optim = pytest.importorskip("trainer.optim")
+    if hasattr(optim, "OPTIMIZER_NAMES"):
+        assert set(optim.OPTIMIZER_NAMES) == set(C.OPTIMIZERS)
+    if hasattr(optim, "SCHEDULER_NAMES"):
+        assert set(optim.SCHEDULER_NAMES) == set(C.LR_SCHEDULERS)
+
+
 def test_settings_for_mode():
     names = lambda m: [s.name for s in C.settings_for_mode(m)]  # noqa: E731
     assert "lora_data_directory" in names("LoRA") and "lora_data_directory" not in names("iLECO")
@@ -182,6 +190,8 @@ def test_config_is_immutable_equal_and_picklable():
     with pytest.raises(AttributeError):
         del cfg.network_rank
     assert pickle.loads(pickle.dumps(cfg)) == cfg
+    with pytest.raises(AttributeError, match='did you mean "network_rank"'):
+        cfg.network_rnak  # noqa: B018
     assert cfg != Config.defaults("Difference")
     assert "second_pass" in repr(cfg)
 

@@ -68,12 +68,12 @@ OPTIMIZERS: tuple[str, ...] = (
     "CAME", "Tiger", "AdamMini", "PagedAdamW", "PagedAdamW32bit", "SGDNesterov", "Adam",
 )
 SCHEDULE_FREE_OPTIMIZERS: frozenset[str] = frozenset({"RAdamScheduleFree", "AdamWScheduleFree", "SGDScheduleFree"})
-#: The 15 learning-rate schedulers: 7 from diffusers.optimization, 8 from torch.optim.lr_scheduler.
+#: The 15 learning-rate schedulers: 8 from torch.optim.lr_scheduler, 7 from diffusers.optimization.
 LR_SCHEDULERS: tuple[str, ...] = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "piecewise_constant",
     "cosine_annealing", "cosine_annealing_with_restarts", "exponential", "step", "multi_step",
     "reduce_on_plateau", "cyclic", "one_cycle",
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "piecewise_constant",
 )
 LOSS_FUNCTIONS: tuple[str, ...] = ("MSE", "L1", "Smooth-L1")
 MODEL_PRECISIONS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16", "int8")
@@ -1200,6 +1200,11 @@ class Config:
         return save_preset(self, path, overwrite=overwrite)
 
     # -- dunder -------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:  # only called for names that do not exist
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise AttributeError(f"Config has no setting {name!r}{_suggest(name, list(SETTINGS_BY_NAME) + list(META_KEYS))}")
+
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Config is immutable; use cfg.replace({name}=...)")
 
