@@ -288,3 +288,18 @@ def test_from_file_detects_sgm_keys(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="match nothing"):
         Network.from_file(p, unet, [te], unet_key_style="diffusers")
+
+
+def test_failed_rename_leaves_no_temp_file(tmp_path, monkeypatch):
+    p = tmp_path / "a.safetensors"
+    save_network(p, _tensors(0), {})
+    before = p.read_bytes()
+
+    def refuse(src, dst):
+        raise PermissionError(errno.EACCES, "read-only folder", str(dst))
+
+    monkeypatch.setattr(files_mod.os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        save_network(p, _tensors(1), {}, overwrite=True)
+    assert p.read_bytes() == before
+    assert os.listdir(tmp_path) == ["a.safetensors"]

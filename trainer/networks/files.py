@@ -10,13 +10,12 @@ from __future__ import annotations
 import datetime
 import errno
 import hashlib
-import io
 import json
 import os
 import random
 import tempfile
 import time
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Tuple, Union
 
 import torch
 
