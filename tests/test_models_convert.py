@@ -301,3 +301,13 @@ def test_missing_text_encoder_raises():
     no_te = {k: v for k, v in ldm.items() if not k.startswith("cond_stage_model.")}
     with pytest.raises(ModelError, match="text-encoder"):
         ldm_to_diffusers(no_te, c.info, c.configs)
+
+
+def test_legacy_clip_keys_without_text_model_level():
+    ldm, c = _tiny_ldm()
+    pre = "cond_stage_model.transformer."
+    old = {(pre + k[len(pre + "text_model."):] if k.startswith(pre) else k): v for k, v in ldm.items()}
+    old[pre + "embeddings.position_ids"] = torch.arange(77)[None]
+    assert any(k.startswith(pre + "encoder.layers.0.") for k in old)
+    out = ldm_to_diffusers(old, c.info, c.configs)
+    assert set(out["text_encoders"][0]) == set(ldm_to_diffusers(ldm, c.info, c.configs)["text_encoders"][0])

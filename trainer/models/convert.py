@@ -53,6 +53,8 @@ IGNORED_LDM_KEYS = frozenset(
         "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
         "cond_stage_model.model.attn_mask",
         "conditioner.embedders.1.model.attn_mask",
+        # SGM denoiser constants
+        "denoiser.sigmas", "denoiser.log_sigmas",
     ]
 )
 IGNORED_TE_SUFFIXES = ("embeddings.position_ids",)  # diffusers/transformers side
@@ -416,6 +418,9 @@ def _te_layout(family: Family) -> list:
     return [("conditioner.embedders.0.transformer.", "hf"), ("conditioner.embedders.1.model.", "openclip")]
 
 
+_HF_LEGACY = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
 def _ignored(key: str) -> bool:
     return key in IGNORED_LDM_KEYS or key.startswith(IGNORED_LDM_PREFIXES)
 
@@ -456,9 +461,13 @@ def ldm_to_diffusers(state_dict: Mapping, info: ModelInfo, configs: Optional[Mod
         if not te_l[i]:
             raise ModelError(f"{where or 'checkpoint'}: no text-encoder keys under {prefix!r}")
         if kind == "hf":
-            wrong = [prefix + k for k in te_l[i] if not k.startswith("text_model.")]
+            # very old checkpoints (transformers < 4.18) lack the ``text_model.`` level
+            te = {(k if k.startswith("text_model.") or not k.startswith(_HF_LEGACY) else "text_model." + k): v
+                  for k, v in te_l[i].items()}
+            te.pop("text_model.embeddings.position_ids", None)
+            wrong = [prefix + k for k in te if not k.startswith("text_model.")]
             _raise_unconverted("text-encoder", wrong, where)
-            tes.append(dict(te_l[i]))
+            tes.append(te)
         else:
             te, ex = openclip_to_hf(te_l[i], where, prefix)
             if cfgs.text_encoder_classes[i] == "CLIPTextModelWithProjection" and "text_projection" in ex:
