@@ -146,6 +146,7 @@ def test_tiny_is_deterministic(tiny):
 def test_tiny_saves_and_loads_back(tiny, tiny_file):
     loaded = load_components(tiny_file)
     assert loaded.name == "tiny-sd1" and loaded.info == tiny.info
+    assert load_components(tiny_file, v_pred=True).info.v_pred is True
     assert _same(tiny, loaded)
     # weights live on CPU, not meta, and loading stays frozen
     assert all(not p.is_meta and not p.requires_grad for m in loaded.modules() for p in m.parameters())

@@ -295,8 +295,9 @@ def load_components(path: Union[str, Path, None] = None, vae_path: Union[str, Pa
             meta = read_safetensors_metadata(p)
             cfgs = _configs_from_metadata(meta, p)
             if cfgs is not None:
-                hint = v_pred if v_pred is not None else (meta.get(META_V_PRED) == "true" or None)
-                info = ModelInfo(cfgs.family, bool(hint) or "v_pred" in sd)
+                if v_pred is None:
+                    v_pred = meta.get(META_V_PRED) == "true" or "v_pred" in sd
+                info = ModelInfo(cfgs.family, bool(v_pred))
             else:
                 info = detect(sd, v_pred, where=str(p))
                 cfgs = configs_for(info.family)
