@@ -1,0 +1,185 @@
+"""`python -m trainer train|demo|plot|settings`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class ProgressPrinter:
+    """One updating line on a terminal (a line per update elsewhere, throttled)."""
+
+    def __init__(self, stream=sys.stderr, every_s: float = 0.5):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.every_s = every_s if self.tty else 5.0
+        self._last = 0.0
+
+    def __call__(self, p) -> None:
+        if p.phase != "train":
+            if p.message:
+                self._line(f"{p.phase}: {p.message}", final=True)
+            return
+        now = time.monotonic()
+        if p.step < p.total and now - self._last < self.every_s:
+            return
+        self._last = now
+        width = 24
+        filled = int(width * p.step / max(1, p.total))
+        lrs = " ".join(f"{lr:.2e}" for lr in p.lrs)
+        text = (f"[{'#' * filled}{'.' * (width - filled)}] {p.step}/{p.total} loss {p.loss:.4f} "
+                f"(avg {p.loss_avg:.4f}) lr {lrs} {p.sec_per_it:.2f} s/it ETA {_hms(p.eta_s)}")
+        self._line(text, final=p.step >= p.total)
+
+    def _line(self, text: str, final: bool) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import add_arguments
+
+    p.add_argument("--preset", help="a preset JSON (presets/*.json or one saved with save_as_json)")
+    p.add_argument("--mode", help="training mode; overrides the preset's")
+    p.add_argument("--model", default=None, help="checkpoint file or diffusers folder; empty: the tiny built-in model")
+    p.add_argument("--vae", default=None, help="separate VAE file (optional)")
+    p.add_argument("--model-dir", type=Path, default=None, help="folder to look for --model and --vae names in")
+    p.add_argument("--data", default=None, help="image folder (sets lora_data_directory)")
+    p.add_argument("--original-prompt", default=None)
+    p.add_argument("--target-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--original-image", default=None)
+    p.add_argument("--target-image", default=None)
+    p.add_argument("--workdir", type=Path, default=Path("."),
+                   help="where output/ (LoRA files), logs/, jsons/ and cache/ go (default: the current folder)")
+    p.add_argument("--output-dir", type=Path, default=None, help="where LoRA files go (default: WORKDIR/output)")
+    p.add_argument("--json-only", action="store_true", help="write the settings JSON and stop")
+    add_arguments(p)
+
+
+def build_config(args):
+    from .config import Config
+
+    cfg = Config.load_preset(args.preset) if args.preset else Config.defaults(args.mode or "LoRA")
+    fields = {"mode": args.mode, "model": args.model, "vae": args.vae, "original_prompt": args.original_prompt,
+              "target_prompt": args.target_prompt, "negative_prompt": args.negative_prompt,
+              "original_image": args.original_image, "target_image": args.target_image}
+    cfg = cfg.replace(**{k: v for k, v in fields.items() if v is not None})
+    overrides = list(args.set or [])
+    if args.data is not None:
+        overrides.append(f"lora_data_directory={args.data}")
+    return cfg.with_overrides(overrides + shortcut_overrides(args))
+
+
+def shortcut_overrides(args) -> list[str]:
+    from .config import shortcut_overrides as so
+
+    return so(args)
+
+
+def cmd_train(args) -> int:
+    from .config import SettingError
+    from .engine import OutputPaths, TrainingRun, write_settings_json
+    from .host.standalone import HostError, load_components
+    from .modes import mode_for
+
+    try:
+        cfg = build_config(args)
+    except SettingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = OutputPaths.under(args.workdir)
+    if args.output_dir:
+        paths.lora_dir = args.output_dir
+    if args.json_only or cfg.save_as_json:
+        path = write_settings_json(cfg, paths, time.time())
+        print(f"Settings saved to {path}")
+        if args.json_only:
+            return 0
+    try:
+        mode = mode_for(cfg.mode)
+        components = load_components(cfg.model or None, cfg.vae or None, model_dir=args.model_dir,
+                                     v_pred=cfg.model_v_pred or None)
+    except (HostError, NotImplementedError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run = TrainingRun(cfg, components, paths, on_progress=ProgressPrinter(), log=lambda m: print(m, file=sys.stderr))
+    try:
+        result = run.run(mode)
+    except KeyboardInterrupt:
+        print("Interrupted", file=sys.stderr)
+        return 130
+    except ValueError as e:  # bad input found while preparing (images, captions, settings)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for f in result.files:
+        print(f)
+    if result.csv:
+        print(result.csv)
+    print(result.message, file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_log
+
+    out = args.png or Path(args.csv).with_suffix(".png")
+    plot_log(args.csv, out)
+    print(out)
+    return 0
+
+
+def cmd_settings(args) -> int:
+    from .config import describe_settings
+
+    print(describe_settings(args.mode, lang=args.lang))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.workdir, steps=args.steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="TrainTrain: LoRA training for Stable Diffusion")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train one job")
+    _add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo", help="train a LoRA on the tiny built-in model and generated images")
+    p.add_argument("--workdir", type=Path, default=Path("demo_output"))
+    p.add_argument("--steps", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("plot", help="draw a training log (CSV) as a PNG")
+    p.add_argument("csv", type=Path)
+    p.add_argument("--png", type=Path, default=None)
+    p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("settings", help="list every setting with its default and help")
+    p.add_argument("--mode", default=None)
+    p.add_argument("--lang", default="en", choices=["en", "ja"])
+    p.set_defaults(func=cmd_settings)
+    args = parser.parse_args(argv)
+    threads = os.environ.get("TT_THREADS")
+    if threads:  # e.g. TT_THREADS=1 on a shared machine, where two threads collapse
+        import torch
+
+        torch.set_num_threads(int(threads))
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""The training loop shared by every mode.
+
+A `TrainingRun` owns one job: it picks the device and precisions, asks the mode to prepare its
+data, builds the network, optimizer and scheduler, runs the steps, guards against NaN, writes the
+CSV log, reports progress, honours a stop request and saves in the kohya format. Modes only say
+how one step's loss is computed (trainer/modes/).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .diffusion import NoiseSchedule, sample_timesteps, weighted_loss
+from .optim import SCHEDULE_FREE, make_optimizer, make_scheduler
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """A job that cannot go on; the message says why and what to change."""
+
+
+class StopRequested(Exception):
+    """Raised inside preparation when the user pressed Stop."""
+
+
+@dataclass
+class OutputPaths:
+    lora_dir: Path
+    log_dir: Path
+    json_dir: Path
+    cache_dir: Path | None = None
+
+    @classmethod
+    def under(cls, root: Path | str) -> "OutputPaths":
+        root = Path(root)
+        return cls(root / "output", root / "logs", root / "jsons", root / "cache")
+
+
+@dataclass
+class Progress:
+    phase: str  # "prepare", "train", "save", "done"
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    loss_avg: float | None = None
+    lrs: tuple[float, ...] = ()
+    sec_per_it: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    message: str
+    files: list[Path] = field(default_factory=list)
+    csv: Path | None = None
+    steps: int = 0
+    stopped: bool = False
+    seed: int | None = None
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def model_dtype(name: str, device: torch.device, log: Callable[[str], None]) -> torch.dtype:
+    """The dtype of the frozen model. fp16 on CPU runs as bf16: CPU fp16 kernels are slow and
+    fp16 needs a GradScaler that only CUDA has."""
+    if name == "int8":
+        raise TrainingError("train_model_precision: 'int8' is not supported by this build; use bf16 or fp16")
+    if name == "model":
+        name = "fp16"
+    dtype = PRECISIONS[name]
+    if device.type == "cpu" and dtype == torch.float16:
+        log("train_model_precision: fp16 runs as bf16 on the CPU")
+        dtype = torch.bfloat16
+    return dtype
+
+
+def place(module: torch.nn.Module, device, dtype: torch.dtype | None = None) -> None:
+    """Move (and cast) a model. Calls nn.Module.to directly: diffusers' override warns on every
+    intended cast."""
+    torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
+def save_dtype(name: str) -> torch.dtype:
+    return PRECISIONS["fp16" if name == "model" else name]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class CsvLog:
+    """One row per step: raw loss, smoothed loss and each parameter group's learning rate."""
+
+    def __init__(self, path: Path, header: dict[str, object], n_groups: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = open(path, "w", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
+        for key, value in header.items():
+            self._writer.writerow([key, value])
+        self._writer.writerow(["Step", "Loss", "Loss (smoothed)"] + [f"Learning Rate {i + 1}" for i in range(n_groups)])
+
+    def row(self, step: int, loss: float, smooth: float, lrs: tuple[float, ...]) -> None:
+        self._writer.writerow([step, f"{loss:.6g}", f"{smooth:.6g}"] + [f"{lr:.6g}" for lr in lrs])
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class Pass:
+    """One network trained by one objective: LoRA mode has one, Difference has two."""
+
+    cfg: object  # trainer.config.Config
+    loss_fn: Callable[[int], torch.Tensor]  # step -> scalar loss
+    name: str  # file stem
+    train_text_encoder: bool = False
+    save: bool = True
+
+
+class TrainingRun:
+    def __init__(self, cfg, components, paths: OutputPaths, *, on_progress: Callable[[Progress], None] | None = None,
+                 log: Callable[[str], None] = print, device: torch.device | None = None):
+        self.cfg = cfg
+        self.components = components
+        self.paths = paths
+        self.on_progress = on_progress or (lambda p: None)
+        self.log = log
+        self.device = device or pick_device()
+        self._stop = False
+        self.started_at = time.time()
+        self.session_id = uuid.uuid4().int % (2**31)
+        self.networks: list = []  # applied networks, innermost first
+        self.files: list[Path] = []
+        self.summary: dict = {}  # filled by the mode: num images, tag frequency, ...
+
+    # --- control -------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop at the next step (or at the next item while caching); what was trained is saved."""
+        self._stop = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
+
+    def check_stop(self) -> None:
+        if self._stop:
+            raise StopRequested()
+
+    # --- helpers for modes -----------------------------------------------------------------
+    @property
+    def family(self):
+        return self.components.info.family
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        """The U-Net's prediction with the currently applied networks at their multipliers."""
+        kwargs = {}
+        if getattr(cond, "added", None):
+            kwargs["added_cond_kwargs"] = cond.added
+        with self.autocast():
+            out = self.components.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=cond.hidden.to(self.dtype),
+                                       **kwargs).sample
+        return out.float()
+
+    def step_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, cfg=None,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = cfg or self.cfg
+        return weighted_loss(pred, target, timesteps, self.schedule, cfg.train_loss_function, cfg.train_snr_gamma, mask)
+
+    def timesteps(self, batch: int, cfg=None) -> torch.Tensor:
+        cfg = cfg or self.cfg
+        return sample_timesteps(batch, cfg.train_min_timesteps, cfg.train_max_timesteps,
+                                cfg.train_fixed_timsteps_in_batch, self.generator, self.device)
+
+    def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, dtype=dtype).to(self.device)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [B,3,H,W] in [-1,1] -> scaled latents, in the VAE precision."""
+        vae = self.components.vae
+        dtype = PRECISIONS[self.cfg.train_VAE_precision]
+        if self.device.type == "cpu" and dtype == torch.float16:
+            dtype = torch.bfloat16
+        place(vae, self.device, dtype)
+        with torch.no_grad():
+            dist = vae.encode(pixels.to(self.device, dtype)).latent_dist
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.generator).to(self.device, dtype)
+        return (z.float() * self.components.scaling_factor)
+
+    def release_vae(self) -> None:
+        """Latents are cached; the VAE is not needed on the device any more."""
+        place(self.components.vae, "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def progress(self, **kw) -> None:
+        self.on_progress(Progress(**kw))
+
+    # --- the run -----------------------------------------------------------------------------
+    def run(self, mode) -> RunResult:
+        """Train with `mode` (an object with `passes(run) -> Iterator[Pass]`)."""
+        cfg = self.cfg
+        self.log(f"Start training: mode {cfg.mode}, model {self.components.name}, device {self.device}")
+        final = self.paths.lora_dir / f"{cfg.save_lora_name}.safetensors"
+        if final.exists() and not cfg.save_overwrite:
+            return RunResult(False, f"save_lora_name: {final} already exists; choose another name or turn on save_overwrite")
+        self.dtype = model_dtype(cfg.train_model_precision, self.device, self.log)
+        self.lora_dtype = PRECISIONS[cfg.train_lora_precision]
+        if self.device.type == "cpu" and self.lora_dtype == torch.float16:
+            self.lora_dtype = torch.bfloat16
+        seed = cfg.train_seed if cfg.train_seed >= 0 else random.randint(0, 2**32 - 1)
+        self.seed = seed
+        torch.manual_seed(seed)
+        random.seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.schedule = NoiseSchedule.create(self.device, cfg.model_v_pred or self.components.info.v_pred,
+                                             getattr(cfg, "model_zero_terminal_snr", False))
+        self._freeze_model()
+        self.csv_path: Path | None = None
+        steps_done = 0
+        try:
+            for p in mode.passes(self):
+                steps_done = self._train_pass(p)
+                if self._stop:
+                    break
+        except StopRequested:
+            return RunResult(False, "Stopped before training began; nothing was saved", self.files, self.csv_path,
+                             steps_done, True, seed)
+        except TrainingError as e:
+            return RunResult(False, str(e), self.files, self.csv_path, steps_done, self._stop, seed)
+        except torch.cuda.OutOfMemoryError:
+            self._free_memory()
+            return RunResult(False, "Out of GPU memory: lower train_batch_size or image_size, turn on "
+                             "use_gradient_checkpointing, or use bf16/fp16 train_model_precision", self.files,
+                             self.csv_path, steps_done, False, seed)
+        finally:
+            for net in reversed(self.networks):
+                net.remove()
+            self.networks.clear()
+            for m in [self.components.unet, self.components.vae, *self.components.text_encoders]:
+                place(m, "cpu")
+            self._free_memory()
+        saved = ", ".join(str(f) for f in self.files) or "nothing"
+        if self._stop:
+            return RunResult(True, f"Stopped at step {steps_done}; saved {saved}", self.files, self.csv_path,
+                             steps_done, True, seed)
+        return RunResult(True, f"Saved {saved}", self.files, self.csv_path, steps_done, False, seed)
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _freeze_model(self) -> None:
+        c = self.components
+        for m in [c.unet, c.vae, *c.text_encoders]:
+            m.requires_grad_(False)
+            m.eval()
+        place(c.unet, self.device, self.dtype)
+        if self.cfg.use_gradient_checkpointing:
+            c.unet.train()  # diffusers checkpoints only in training mode on older versions
+            c.unet.enable_gradient_checkpointing()
+
+    def _train_pass(self, p: Pass) -> int:
+        from .networks.network import Network
+
+        cfg = p.cfg
+        c = self.components
+        tes = c.text_encoders if p.train_text_encoder else []
+        for te in tes:
+            place(te, self.device, self.dtype)
+            if cfg.use_gradient_checkpointing and hasattr(te, "gradient_checkpointing_enable"):
+                te.train()
+                te.gradient_checkpointing_enable()
+                te.requires_grad_(False)  # HF may flip requires_grad on; only the adapters train
+        net = Network.create(
+            c.unet, tes, algo=cfg.network_type, rank=cfg.network_rank, alpha=cfg.network_alpha,
+            conv_rank=cfg.network_conv_rank or cfg.network_rank, conv_alpha=cfg.network_conv_alpha or cfg.network_alpha,
+            blocks=cfg.network_blocks, element=cfg.network_element, unet_key_style=self.unet_key_style,
+            train_text_encoder=p.train_text_encoder, dtype=self.lora_dtype)
+        if cfg.network_resume:
+            from .networks.files import load_network_file
+            tensors, _ = load_network_file(cfg.network_resume)
+            net.load_kohya(tensors)
+            self.log(f"Resumed from {cfg.network_resume}")
+        net.to(self.device)
+        net.apply()
+        self.networks.append(net)
+        n_unet, n_te = net.counts()
+        self.log(f"Network {cfg.network_type} rank {cfg.network_rank} alpha {cfg.network_alpha}: "
+                 f"{n_unet} U-Net modules, {n_te} text-encoder modules")
+        if n_unet + n_te == 0:
+            raise TrainingError(f"network_blocks: {cfg.network_blocks} selects no module of this model "
+                                f"with network_element={cfg.network_element}")
+        te_lr = cfg.train_textencoder_learning_rate or cfg.train_learning_rate
+        groups = net.param_groups(cfg.train_learning_rate, te_lr)
+        optimizer = make_optimizer(cfg.train_optimizer, groups, cfg.train_learning_rate,
+                                   cfg.train_optimizer_settings, network=net, warn=self.log)
+        scheduler = make_scheduler(cfg.train_lr_scheduler, optimizer, iterations=cfg.train_iterations,
+                                   warmup_steps=cfg.train_lr_warmup_steps, num_cycles=cfg.train_lr_scheduler_num_cycles,
+                                   power=cfg.train_lr_scheduler_power, step_rules=cfg.train_lr_step_rules,
+                                   settings=cfg.train_lr_scheduler_settings, optimizer_name=cfg.train_optimizer)
+        scaler = None
+        if self.device.type == "cuda" and self.dtype == torch.float16 and self.lora_dtype == torch.float32:
+            scaler = torch.amp.GradScaler("cuda")
+        params = [q for g in groups for q in g["params"]]
+        total = cfg.train_iterations
+        save_at = set(range(cfg.save_per_steps, total, cfg.save_per_steps)) if cfg.save_per_steps > 0 else set()
+        log = self._open_csv(p, len(groups)) if cfg.logging_save_csv else None
+        smooth = None
+        t0 = time.perf_counter()
+        step = 0
+        try:
+            for step in range(1, total + 1):
+                if self._stop:
+                    step -= 1
+                    break
+                loss = p.loss_fn(step)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    self._nan_stop(p, net, optimizer, step, value)
+                (scaler.scale(loss) if scaler else loss).backward()
+                if cfg.train_max_grad_norm and cfg.train_max_grad_norm > 0:
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.train_max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
+                if getattr(scheduler, "wants_metric", False):
+                    scheduler.step(smooth)
+                else:
+                    scheduler.step()
+                lrs = tuple(float(x) for x in _current_lrs(optimizer))
+                if log:
+                    log.row(step, value, smooth, lrs)
+                elapsed = time.perf_counter() - t0
+                rate = elapsed / step
+                self.progress(phase="train", step=step, total=total, loss=value, loss_avg=smooth, lrs=lrs,
+                              sec_per_it=rate, eta_s=rate * (total - step), message=p.name)
+                if step in save_at and p.save:
+                    self._save(p, net, optimizer, suffix=f"_{step}steps", steps=step)
+        finally:
+            if log:
+                log.close()
+        if p.save or self._stop:
+            suffix = f"_{step}steps" if self._stop else ""
+            if step > 0:
+                self._save(p, net, optimizer, suffix=suffix, steps=step)
+        net.requires_grad_(False)
+        net.set_multiplier(1.0)
+        return step
+
+    def _nan_stop(self, p: Pass, net, optimizer, step: int, value: float) -> None:
+        # The weights have not been updated with this loss yet: they are the last good ones.
+        saved = ""
+        if step > 1 and p.save and all(torch.isfinite(q).all() for q in net.parameters()):
+            path = self._save(p, net, optimizer, suffix=f"_{step - 1}steps", steps=step - 1)
+            saved = f"; the last good weights (step {step - 1}) are in {path}"
+        raise TrainingError(f"The loss became {value} at step {step}, so training stopped{saved}. Lower "
+                            f"train_learning_rate, use bf16 or fp32 train_model_precision, or a fp32 VAE "
+                            f"(train_VAE_precision)")
+
+    @property
+    def unet_key_style(self) -> str:
+        return "sgm" if self.family.value == "sdxl" else "diffusers"
+
+    def _open_csv(self, p: Pass, n_groups: int) -> CsvLog:
+        cfg = p.cfg
+        stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(self.started_at))
+        path = self.paths.log_dir / f"{p.name}-{stamp}.csv"
+        header = {"mode": cfg.mode, "model": self.components.name, "network_type": cfg.network_type,
+                  "network_rank": cfg.network_rank, "network_alpha": cfg.network_alpha,
+                  "train_learning_rate": cfg.train_learning_rate, "train_iterations": cfg.train_iterations,
+                  "train_optimizer": cfg.train_optimizer, "train_lr_scheduler": cfg.train_lr_scheduler,
+                  "seed": self.seed, "save_lora_name": p.name}
+        log = CsvLog(path, header, n_groups)
+        self.csv_path = path
+        self.log(f"Logging to {path}")
+        return log
+
+    def _save(self, p: Pass, net, optimizer, *, suffix: str, steps: int) -> Path:
+        from .networks.files import build_metadata, save_network
+
+        cfg = p.cfg
+        path = self.paths.lora_dir / f"{p.name}{suffix}.safetensors"
+        self.progress(phase="save", step=steps, total=cfg.train_iterations, message=str(path))
+        schedule_free = cfg.train_optimizer in SCHEDULE_FREE
+        if schedule_free:
+            optimizer.eval()  # the averaged weights are the ones to keep
+        try:
+            tensors = net.state_dict_kohya(save_dtype(cfg.save_precision), strength=cfg.network_strength)
+        finally:
+            if schedule_free:
+                optimizer.train()
+        info = self.components.info
+        family = "sd2-v" if info.family.value == "sd2" and self.schedule.v_prediction else info.family.value
+        te_lr = cfg.train_textencoder_learning_rate or cfg.train_learning_rate
+        metadata = build_metadata(
+            family=family, algo=cfg.network_type, rank=cfg.network_rank, alpha=cfg.network_alpha,
+            conv_rank=cfg.network_conv_rank, conv_alpha=cfg.network_conv_alpha, output_name=path.stem,
+            training_started_at=self.started_at, session_id=self.session_id, learning_rate=cfg.train_learning_rate,
+            unet_lr=cfg.train_learning_rate, text_encoder_lr=te_lr if p.train_text_encoder else None,
+            max_train_steps=cfg.train_iterations, steps=steps, lr_warmup_steps=cfg.train_lr_warmup_steps,
+            lr_scheduler=cfg.train_lr_scheduler, mixed_precision=str(cfg.train_model_precision), seed=self.seed,
+            optimizer=cfg.train_optimizer, min_snr_gamma=cfg.train_snr_gamma or None, clip_skip=cfg.clip_skip,
+            num_train_images=self.summary.get("num_train_images", 0), tag_frequency=self.summary.get("tag_frequency"),
+            resolution=(cfg.image_size[1], cfg.image_size[0]), mode=cfg.mode, prompts=self.summary.get("prompts"),
+            sd_model_name=self.components.name, title=path.stem, trigger_phrase=cfg.lora_trigger_word or None,
+            extra={"ss_network_strength": cfg.network_strength} if cfg.network_strength != 1 else None)
+        save_network(path, tensors, metadata, overwrite=cfg.save_overwrite)
+        self.files.append(path)
+        self.log(f"Saved {path}")
+        return path
+
+
+def _current_lrs(optimizer) -> Iterator[float]:
+    for g in optimizer.param_groups:
+        lr = g.get("d", 1.0) * g["lr"] if "d" in g and g.get("lr") else g.get("lr")
+        yield lr if lr is not None else 0.0
+
+
+def write_settings_json(cfg, paths: OutputPaths, started_at: float) -> Path:
+    """`save_as_json`: the job's settings next to its logs, in the preset format."""
+    stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(started_at))
+    path = paths.json_dir / f"{cfg.save_lora_name}-{stamp}.json"
+    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=4, ensure_ascii=False))
+    return path

@@ -1,0 +1,84 @@
+"""LoRA mode: learn a subject or style from a folder of images and their captions.
+
+Loss per step: || eps_theta+Delta(x_t, t, c(caption)) - target ||, with x_t the cached latent
+noised to a random t, and target the noise (or v for v-prediction models).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from ..data.cache import LatentCache, TextEmbeddingCache
+from ..data.captions import tag_frequency
+from ..data.dataset import BucketBatcher, build_samples
+from ..engine import Pass, place
+from ..models.prompts import encode_prompts
+from .base import UNetCond, pad_chunks
+
+
+class LoRAMode:
+    name = "LoRA"
+
+    def passes(self, run):
+        cfg = run.cfg
+        train_te = "BASE" in cfg.network_blocks
+        self.prepare(run, train_te)
+        yield Pass(cfg, self.loss, cfg.save_lora_name, train_text_encoder=train_te)
+
+    def prepare(self, run, train_te: bool) -> None:
+        cfg = run.cfg
+        run.progress(phase="prepare", message=f"Reading images in {cfg.lora_data_directory}")
+        samples = build_samples(
+            cfg.lora_data_directory, image_size=cfg.image_size, buckets_step=cfg.image_buckets_step,
+            min_length=cfg.image_min_length, max_ratio=cfg.image_max_ratio, num_multiply=cfg.image_num_multiply,
+            sub_image_num=cfg.sub_image_num, mirroring=cfg.image_mirroring, disable_upscale=cfg.image_disable_upscale,
+            trigger=cfg.lora_trigger_word, use_filename_as_tag=cfg.image_use_filename_as_tag, warn=run.log)
+        run.check_stop()
+        run.progress(phase="prepare", message=f"Encoding {len(samples)} images")
+        cache_dir = run.paths.cache_dir if getattr(cfg, "latent_cache_on_disk", True) else None
+        key = f"{run.components.name}|{cfg.train_VAE_precision}|{run.components.scaling_factor}"
+        self.latents = LatentCache(warn=run.log).encode_all(
+            samples, run.encode_images, batch_size=max(1, cfg.train_batch_size), cache_dir=cache_dir, key_extra=key)
+        run.release_vae()
+        self.captions = [s.caption for s in samples]
+        self.buckets = [s.bucket for s in samples]
+        self.batcher = BucketBatcher(self.buckets, cfg.train_batch_size, seed=run.seed)
+        self.train_te = train_te
+        self.run = run
+        run.summary.update(
+            num_train_images=len({s.source for s in samples}), num_samples=len(samples),
+            tag_frequency={str(cfg.lora_data_directory): tag_frequency(self.captions)},
+            buckets=dict(Counter(f"{w}x{h}" for w, h in self.buckets)))
+        if not train_te:
+            # The text encoder stays frozen: encode every distinct caption once, then free it.
+            encoders = run.components.text_encoders
+            for te in encoders:
+                place(te, run.device, run.dtype)
+            self.embeddings = TextEmbeddingCache(
+                lambda text: encode_prompts(run.components, [text], clip_skip=cfg.clip_skip).hidden.float())
+            with run.autocast():
+                for text in sorted(set(self.captions) | {""}):
+                    run.check_stop()
+                    self.embeddings.get(text)
+            for te in encoders:
+                place(te, "cpu")
+
+    def _cond(self, captions: list[str]) -> UNetCond:
+        run = self.run
+        if self.train_te:
+            with run.autocast():
+                cond = encode_prompts(run.components, captions, clip_skip=run.cfg.clip_skip)
+            return UNetCond(cond.hidden)
+        hidden = pad_chunks([self.embeddings.get(c) for c in captions], self.embeddings.get(""))
+        return UNetCond(hidden.to(run.device))
+
+    def loss(self, step: int) -> torch.Tensor:
+        run = self.run
+        idx = next(self.batcher)
+        x0 = torch.stack([self.latents[i] for i in idx]).to(run.device)
+        noise = run.randn(x0.shape)
+        t = run.timesteps(x0.shape[0])
+        noisy = run.schedule.add_noise(x0, noise, t)
+        pred = run.predict(noisy, t, self._cond([self.captions[i] for i in idx]))
+        return run.step_loss(pred, run.schedule.target(x0, noise, t), t)
