@@ -237,9 +237,14 @@ class TrainingRun:
         """Train with `mode` (an object with `passes(run) -> Iterator[Pass]`)."""
         cfg = self.cfg
         self.log(f"Start training: mode {cfg.mode}, model {self.components.name}, device {self.device}")
-        final = self.paths.lora_dir / f"{cfg.save_lora_name}.safetensors"
-        if final.exists() and not cfg.save_overwrite:
-            return RunResult(False, f"save_lora_name: {final} already exists; choose another name or turn on save_overwrite")
+        if not cfg.save_overwrite:
+            planned = [""] + [f"_{s}steps" for s in range(cfg.save_per_steps, cfg.train_iterations, cfg.save_per_steps or 1)
+                              if cfg.save_per_steps > 0]
+            for suffix in planned:
+                path = self.paths.lora_dir / f"{cfg.save_lora_name}{suffix}.safetensors"
+                if path.exists():
+                    return RunResult(False, f"save_lora_name: {path} already exists; choose another name or turn "
+                                            f"on save_overwrite")
         self.dtype = model_dtype(cfg.train_model_precision, self.device, self.log)
         self.lora_dtype = PRECISIONS[cfg.train_lora_precision]
         if self.device.type == "cpu" and self.lora_dtype == torch.float16:
@@ -321,6 +326,7 @@ class TrainingRun:
         net.to(self.device)
         net.apply()
         self.networks.append(net)
+        self.network = net  # the network this pass trains; modes set its multiplier per step
         n_unet, n_te = net.counts()
         self.log(f"Network {cfg.network_type} rank {cfg.network_rank} alpha {cfg.network_alpha}: "
                  f"{n_unet} U-Net modules, {n_te} text-encoder modules")
@@ -447,7 +453,10 @@ class TrainingRun:
             resolution=(cfg.image_size[1], cfg.image_size[0]), mode=cfg.mode, prompts=self.summary.get("prompts"),
             sd_model_name=self.components.name, title=path.stem, trigger_phrase=cfg.lora_trigger_word or None,
             extra={"ss_network_strength": cfg.network_strength} if cfg.network_strength != 1 else None)
-        save_network(path, tensors, metadata, overwrite=cfg.save_overwrite)
+        try:
+            save_network(path, tensors, metadata, overwrite=cfg.save_overwrite)
+        except OSError as e:  # a full disk, a read-only folder, a file that appeared meanwhile
+            raise TrainingError(f"Could not save {path}: {e}. Any earlier file of that name is unchanged") from e
         self.files.append(path)
         self.log(f"Saved {path}")
         return path
