@@ -196,3 +196,17 @@ def test_sdxl_concat_and_pooled():
                  output_hidden_states=True).hidden_states[-2]
     assert torch.allclose(cond.pooled, ref, atol=1e-5)
     assert torch.allclose(cond.hidden[:1, :77, :16], h1, atol=1e-6)  # penultimate, no final norm
+
+
+def test_zero_mean_chunk_gives_no_nan():
+    # A plain layer norm (weight 1, bias 0) makes every token vector's mean 0, so the chunk's mean is 0:
+    # restoring the mean after emphasis must not divide by it (found on transformers 4.30 as NaN).
+    te = _small_te(16, 3, CLIP_TEXT)
+    core = getattr(te, "text_model", te)
+    with torch.no_grad():
+        core.final_layer_norm.weight.fill_(1.0)
+        core.final_layer_norm.bias.zero_()
+    comps = _fake(Family.SD1, [te], ["<|endoftext|>"])
+    with torch.no_grad():
+        for prompt in ["a cat", "a (cat:1.3) on [grass]"]:
+            assert torch.isfinite(encode_prompts(comps, [prompt]).hidden).all(), prompt

@@ -193,10 +193,15 @@ def _encode_one(te, family: Family, ids: torch.Tensor, ws: torch.Tensor, clip_sk
     z = out.hidden_states[layer]
     if final_norm:
         z = core.final_layer_norm(z)
-    w = ws.reshape(B * k, L, 1).to(device=z.device, dtype=z.dtype)
-    original_mean = z.mean(dim=(1, 2), keepdim=True)
-    z = z * w
-    z = z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+    if bool((ws != 1).any()):
+        # Emphasis: scale token vectors, then restore the chunk's mean as the Web-UI does. Only
+        # when some weight differs from 1: a layer-normed chunk can have a mean of exactly 0.
+        w = ws.reshape(B * k, L, 1).to(device=z.device, dtype=z.dtype)
+        original_mean = z.mean(dim=(1, 2), keepdim=True)
+        z = z * w
+        new_mean = z.mean(dim=(1, 2), keepdim=True)
+        safe = new_mean.abs() > 1e-6
+        z = torch.where(safe, z * (original_mean / torch.where(safe, new_mean, torch.ones_like(new_mean))), z)
     hidden = z.reshape(B, k * L, z.shape[-1])
     pooled = None
     if want_pooled:
