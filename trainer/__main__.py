@@ -1,4 +1,4 @@
-"""`python -m trainer train|demo|plot|settings`."""
+"""`python -m trainer train|demo|plot|settings|ui`."""
 from __future__ import annotations
 
 import argparse
@@ -110,6 +110,8 @@ def cmd_train(args) -> int:
             return 0
     try:
         mode = mode_for(cfg.mode)
+        if hasattr(mode, "check"):  # bad inputs (images, prompts) are reported before the model loads
+            mode.check(cfg)
         components = load_components(cfg.model or None, cfg.vae or None, model_dir=args.model_dir,
                                      v_pred=cfg.model_v_pred or None)
     except (HostError, NotImplementedError, ValueError) as e:
@@ -154,6 +156,17 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir, steps=args.steps)
 
 
+def cmd_ui(args) -> int:
+    from .jobs import StandaloneHost
+    from .ui import launch
+
+    host = StandaloneHost(args.workdir, model_dir=args.model_dir, lora_dir=args.lora_dir)
+    where = "0.0.0.0 (all interfaces)" if args.listen else "127.0.0.1"
+    print(f"TrainTrain UI on {where}:{args.port}; LoRAs go to {host.paths().lora_dir}", file=sys.stderr)
+    launch(host, port=args.port, listen=args.listen, lang=args.lang)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="TrainTrain: LoRA training for Stable Diffusion")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default=None)
     p.add_argument("--lang", default="en", choices=["en", "ja"])
     p.set_defaults(func=cmd_settings)
+    p = sub.add_parser("ui", help="serve the TrainTrain tab in a browser (standalone)")
+    p.add_argument("--model-dir", type=Path, default=None, help="folder of checkpoints for the Model list")
+    p.add_argument("--lora-dir", type=Path, default=None, help="where LoRA files go (default: WORKDIR/output)")
+    p.add_argument("--workdir", type=Path, default=Path("."), help="where logs/, jsons/, presets/, cache/ go")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--listen", action="store_true", help="serve on all interfaces, not only 127.0.0.1")
+    p.add_argument("--lang", default="en", choices=["en", "ja"], help="language of the settings' help")
+    p.set_defaults(func=cmd_ui)
     args = parser.parse_args(argv)
     threads = os.environ.get("TT_THREADS")
     if threads:  # e.g. TT_THREADS=1 on a shared machine, where two threads collapse
