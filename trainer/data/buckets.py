@@ -129,6 +129,35 @@ def pick_sub_buckets(size: tuple[int, int], buckets: Sequence[Bucket], count: in
     return picks
 
 
+def crop_box(
+    size: tuple[int, int], bucket: Bucket, error: float, disable_upscale: bool = False
+) -> tuple[int, int, int, int] | None:
+    """The (left, top, right, bottom) box of an image of ``size`` that :func:`resize_and_crop`
+    scales to ``bucket``; None when ``disable_upscale`` refuses it."""
+    bucket_w, bucket_h = bucket
+    width, height = size
+    if error <= 0:
+        if disable_upscale and height < bucket_h:
+            return None
+        crop_w = min(width, max(1, round(height * bucket_w / bucket_h)))
+        left = (width - crop_w) // 2
+        return (left, 0, left + crop_w, height)
+    if disable_upscale and width < bucket_w:
+        return None
+    crop_h = min(height, max(1, round(width * bucket_h / bucket_w)))
+    top = (height - crop_h) // 2
+    return (0, top, width, top + crop_h)
+
+
+def crop_offset(size: tuple[int, int], bucket: Bucket, box: tuple[int, int, int, int]) -> tuple[int, int]:
+    """(left, top) of the crop in the resized image, in bucket pixels: where SDXL's
+    ``crop_coords_top_left`` conditioning says the training crop starts."""
+    left, top, right, bottom = box
+    scale_x = bucket[0] / max(1, right - left)
+    scale_y = bucket[1] / max(1, bottom - top)
+    return int(round(left * scale_x)), int(round(top * scale_y))
+
+
 def resize_and_crop(
     image: Image.Image, bucket: Bucket, error: float, disable_upscale: bool
 ) -> Image.Image | None:
@@ -142,18 +171,9 @@ def resize_and_crop(
     """
     bucket_w, bucket_h = bucket
     width, height = image.size
-    if error <= 0:
-        if disable_upscale and height < bucket_h:
-            return None
-        crop_w = min(width, max(1, round(height * bucket_w / bucket_h)))
-        left = (width - crop_w) // 2
-        box = (left, 0, left + crop_w, height)
-    else:
-        if disable_upscale and width < bucket_w:
-            return None
-        crop_h = min(height, max(1, round(width * bucket_h / bucket_w)))
-        top = (height - crop_h) // 2
-        box = (0, top, width, top + crop_h)
+    box = crop_box(image.size, bucket, error, disable_upscale)
+    if box is None:
+        return None
     if box == (0, 0, width, height) and image.size == (bucket_w, bucket_h):
         return image.copy()
     return image.resize((bucket_w, bucket_h), _RESAMPLING.LANCZOS, box=box)

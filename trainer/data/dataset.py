@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .buckets import Bucket, make_buckets, nearest_bucket, pick_sub_buckets, resize_and_crop
+from .buckets import Bucket, crop_box, crop_offset, make_buckets, nearest_bucket, pick_sub_buckets, resize_and_crop
 from .captions import caption_for
 from .errors import DataError
 from .images import LoadedImage, find_images, load_image
@@ -46,6 +46,13 @@ class Sample:
     source: Path
     bucket: tuple[int, int]  # (w,h)
     mirrored: bool
+    original_size: tuple[int, int] | None = None  # (w,h) of the source image; None = the bucket
+    crop_xy: tuple[int, int] = (0, 0)  # (left, top) of the crop in the resized image, bucket pixels
+
+    def size_cond_hw(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """SDXL micro-conditioning in pixels: ((orig_h, orig_w), (crop_top, crop_left), (target_h, target_w))."""
+        w, h = self.original_size or self.bucket
+        return (h, w), (self.crop_xy[1], self.crop_xy[0]), (self.bucket[1], self.bucket[0])
 
 
 def build_samples(
@@ -117,7 +124,14 @@ def _crop(image: LoadedImage, bucket: Bucket, error: float, disable_upscale: boo
     alpha = resize_and_crop(image.alpha, bucket, error, False) if image.alpha is not None else None
     pixels = pixels_from_image(rgb)
     mask = mask_from_alpha(alpha) if alpha is not None else None
-    plain = Sample(pixels=pixels, mask=mask, caption=caption, source=image.path, bucket=bucket, mirrored=False)
+    # where the crop sits in the resized image (SDXL conditioning); the mirrored twin's crop
+    # starts at the same distance from the other edge
+    box = crop_box(image.size, bucket, error, disable_upscale) or (0, 0) + image.size
+    left, top = crop_offset(image.size, bucket, box)
+    resized_w = round(image.size[0] * bucket[0] / max(1, box[2] - box[0]))
+    original = image.original_size or image.size
+    plain = Sample(pixels=pixels, mask=mask, caption=caption, source=image.path, bucket=bucket, mirrored=False,
+                   original_size=original, crop_xy=(left, top))
     mirrored = Sample(
         pixels=torch.flip(pixels, dims=[2]),
         mask=torch.flip(mask, dims=[2]) if mask is not None else None,
@@ -125,6 +139,8 @@ def _crop(image: LoadedImage, bucket: Bucket, error: float, disable_upscale: boo
         source=image.path,
         bucket=bucket,
         mirrored=True,
+        original_size=original,
+        crop_xy=(max(0, resized_w - bucket[0] - left), top),
     )
     return [plain, mirrored]
 

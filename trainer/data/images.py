@@ -43,6 +43,9 @@ class LoadedImage:
     rgb: Image.Image
     alpha: Image.Image | None
     path: Path
+    original_size: tuple[int, int] | None = None
+    """(width, height) of the file's image (after EXIF orientation) before any early reduction;
+    None means ``size`` (SDXL's size conditioning reads it)."""
 
     @property
     def size(self) -> tuple[int, int]:
@@ -92,10 +95,14 @@ def load_image(path: Path | str, *, max_side: int | None = None) -> LoadedImage:
         raise DataError(f"Image {str(path)!r} is empty (0 bytes).")
     try:
         with Image.open(path) as opened:
+            full_size = opened.size
             if max_side is not None:
                 _draft(opened, max_side)
             opened.load()
+            decoded_size = opened.size
             image = _apply_exif_orientation(opened)
+            if image.size != decoded_size and image.size == decoded_size[::-1]:
+                full_size = full_size[::-1]  # EXIF rotated the picture by 90 degrees
             if max_side is not None:
                 image = _reduce(image, max_side)
             rgb, alpha = _to_rgb_and_alpha(image)
@@ -110,7 +117,7 @@ def load_image(path: Path | str, *, max_side: int | None = None) -> LoadedImage:
         raise DataError(f"Image {str(path)!r} is not a readable image file (unknown or damaged format).") from exc
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise DataError(f"Image {str(path)!r} cannot be decoded (corrupt or truncated?): {exc}") from exc
-    return LoadedImage(rgb=rgb, alpha=alpha, path=path)
+    return LoadedImage(rgb=rgb, alpha=alpha, path=path, original_size=(int(full_size[0]), int(full_size[1])))
 
 
 def _draft(image: Image.Image, max_side: int) -> None:

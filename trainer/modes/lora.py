@@ -14,7 +14,7 @@ from ..data.captions import tag_frequency
 from ..data.dataset import BucketBatcher, build_samples
 from ..engine import Pass, place
 from ..models.prompts import encode_prompts
-from .base import UNetCond, pad_chunks
+from .base import SizeCond, UNetCond, pad_chunks, unet_cond
 
 
 class LoRAMode:
@@ -43,6 +43,7 @@ class LoRAMode:
         run.release_vae()
         self.captions = [s.caption for s in samples]
         self.buckets = [s.bucket for s in samples]
+        self.sizes = [SizeCond(*s.size_cond_hw()) for s in samples]  # SDXL: pixels, per sample
         self.batcher = BucketBatcher(self.buckets, cfg.train_batch_size, seed=run.seed)
         self.train_te = train_te
         self.run = run
@@ -55,8 +56,11 @@ class LoRAMode:
             encoders = run.components.text_encoders
             for te in encoders:
                 place(te, run.device, run.dtype)
-            self.embeddings = TextEmbeddingCache(
-                lambda text: encode_prompts(run.components, [text], clip_skip=cfg.clip_skip).hidden.float())
+            def encode(text):
+                cond = encode_prompts(run.components, [text], clip_skip=cfg.clip_skip)
+                return cond.hidden.float(), (cond.pooled.float() if cond.pooled is not None else None)
+
+            self.embeddings = TextEmbeddingCache(encode)
             with run.autocast():
                 for text in sorted(set(self.captions) | {""}):
                     run.check_stop()
@@ -64,14 +68,16 @@ class LoRAMode:
             for te in encoders:
                 place(te, "cpu")
 
-    def _cond(self, captions: list[str]) -> UNetCond:
+    def _cond(self, captions: list[str], sizes: list[SizeCond]) -> UNetCond:
         run = self.run
         if self.train_te:
             with run.autocast():
                 cond = encode_prompts(run.components, captions, clip_skip=run.cfg.clip_skip)
-            return UNetCond(cond.hidden)
-        hidden = pad_chunks([self.embeddings.get(c) for c in captions], self.embeddings.get(""))
-        return UNetCond(hidden.to(run.device))
+            return unet_cond(cond.hidden, cond.pooled, sizes)
+        cached = [self.embeddings.get(c) for c in captions]
+        hidden = pad_chunks([h for h, _ in cached], self.embeddings.get("")[0]).to(run.device)
+        pooled = None if cached[0][1] is None else torch.cat([p for _, p in cached]).to(run.device)
+        return unet_cond(hidden, pooled, sizes)
 
     def loss(self, step: int) -> torch.Tensor:
         run = self.run
@@ -80,5 +86,5 @@ class LoRAMode:
         noise = run.randn(x0.shape)
         t = run.timesteps(x0.shape[0])
         noisy = run.schedule.add_noise(x0, noise, t)
-        pred = run.predict(noisy, t, self._cond([self.captions[i] for i in idx]))
+        pred = run.predict(noisy, t, self._cond([self.captions[i] for i in idx], [self.sizes[i] for i in idx]))
         return run.step_loss(pred, run.schedule.target(x0, noise, t), t)
