@@ -191,8 +191,8 @@ class TrainingRun:
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         """The U-Net's prediction with the currently applied networks at their multipliers."""
         kwargs = {}
-        if getattr(cond, "added", None):
-            kwargs["added_cond_kwargs"] = cond.added
+        if getattr(cond, "added", None):  # SDXL: pooled text embedding + size ids
+            kwargs["added_cond_kwargs"] = {k: v.to(self.device, self.dtype) for k, v in cond.added.items()}
         with self.autocast():
             out = self.components.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=cond.hidden.to(self.dtype),
                                        **kwargs).sample
@@ -254,8 +254,11 @@ class TrainingRun:
         torch.manual_seed(seed)
         random.seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
-        self.schedule = NoiseSchedule.create(self.device, cfg.model_v_pred or self.components.info.v_pred,
-                                             getattr(cfg, "model_zero_terminal_snr", False))
+        info = self.components.info
+        # v-prediction / zero terminal SNR: the setting, or what the checkpoint says about itself
+        self.zero_terminal_snr = bool(getattr(cfg, "model_zero_terminal_snr", False)
+                                      or getattr(info, "zero_terminal_snr", False))
+        self.schedule = NoiseSchedule.create(self.device, cfg.model_v_pred or info.v_pred, self.zero_terminal_snr)
         self._freeze_model()
         self.csv_path: Path | None = None
         steps_done = 0
@@ -439,7 +442,14 @@ class TrainingRun:
             if schedule_free:
                 optimizer.train()
         info = self.components.info
-        family = "sd2-v" if info.family.value == "sd2" and self.schedule.v_prediction else info.family.value
+        v_pred = self.schedule.v_prediction
+        family = "sd2-v" if info.family.value == "sd2" and v_pred else info.family.value
+        extra = {"ss_network_strength": cfg.network_strength} if cfg.network_strength != 1 else {}
+        if v_pred:
+            extra["ss_v_parameterization"] = True
+            extra["modelspec.prediction_type"] = "v"
+        if self.zero_terminal_snr:
+            extra["ss_zero_terminal_snr"] = True
         te_lr = cfg.train_textencoder_learning_rate or cfg.train_learning_rate
         metadata = build_metadata(
             family=family, algo=cfg.network_type, rank=cfg.network_rank, alpha=cfg.network_alpha,
@@ -452,7 +462,7 @@ class TrainingRun:
             num_train_images=self.summary.get("num_train_images", 0), tag_frequency=self.summary.get("tag_frequency"),
             resolution=(cfg.image_size[1], cfg.image_size[0]), mode=cfg.mode, prompts=self.summary.get("prompts"),
             sd_model_name=self.components.name, title=path.stem, trigger_phrase=cfg.lora_trigger_word or None,
-            extra={"ss_network_strength": cfg.network_strength} if cfg.network_strength != 1 else None)
+            extra=extra or None)
         try:
             save_network(path, tensors, metadata, overwrite=cfg.save_overwrite)
         except OSError as e:  # a full disk, a read-only folder, a file that appeared meanwhile

@@ -18,6 +18,7 @@ class Family(str, Enum):
 class ModelInfo:
     family: Family
     v_pred: bool = False
+    zero_terminal_snr: bool = False  # the checkpoint was trained with a zero-terminal-SNR schedule
 
     @property
     def is_sdxl(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +193,43 @@ def load_vae_file(path: Union[str, Path], vae: torch.nn.Module, vae_config: Mapp
     load_into(vae, sd, f"VAE file {path}", dtype)
 
 
+_YAML_V = re.compile(r"""^\s*parameterization\s*:\s*["']?(v|eps)["']?\s*(?:#.*)?$""", re.MULTILINE)
+_TRUE = ("true", "1", "yes")
+
+
+def prediction_hints(path: Path, meta: Mapping, keys) -> tuple:
+    """What a single-file checkpoint says about its prediction type: ``(v_pred or None, zero_terminal_snr)``.
+
+    SD2 768-v and 512-base have the same keys, so this reads, in order: our own save metadata
+    (``traintrain.v_pred``), ``modelspec.prediction_type`` ("v" / "epsilon"), kohya's
+    ``ss_v_parameterization``, a companion ``<name>.yaml`` next to the file with
+    ``parameterization: "v"`` (as the Web-UI does), and a ``v_pred`` marker key. None: nothing said.
+    Zero terminal SNR: a ``ztsnr`` marker key or ``ss_zero_terminal_snr`` metadata."""
+    v_pred = None
+    if meta.get(META_V_PRED) in ("true", "false"):
+        v_pred = meta[META_V_PRED] == "true"
+    elif str(meta.get("modelspec.prediction_type", "")).strip().lower() in ("v", "v_prediction", "v-prediction"):
+        v_pred = True
+    elif str(meta.get("modelspec.prediction_type", "")).strip().lower() in ("epsilon", "eps"):
+        v_pred = False
+    elif "ss_v_parameterization" in meta:
+        v_pred = str(meta["ss_v_parameterization"]).strip().lower() in _TRUE
+    else:
+        for yaml_path in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
+            if yaml_path.is_file():
+                try:
+                    m = _YAML_V.search(yaml_path.read_text(encoding="utf-8", errors="replace"))
+                except OSError:
+                    m = None
+                if m:
+                    v_pred = m.group(1) == "v"
+                    break
+        if v_pred is None and "v_pred" in keys:
+            v_pred = True
+    ztsnr = "ztsnr" in keys or str(meta.get("ss_zero_terminal_snr", "")).strip().lower() in _TRUE
+    return v_pred, ztsnr
+
+
 def _is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and (path / "unet").is_dir() and (path / "vae").is_dir()
 
@@ -236,10 +274,11 @@ def _load_diffusers_folder(path: Path, v_pred: Optional[bool], dtype: torch.dtyp
         raise ModelError(f"{path}: diffusers folder without unet/config.json")
     unet_cfg = json.loads(unet_cfg_file.read_text())
     family = _folder_family(path, unet_cfg)
+    sched = path / "scheduler" / "scheduler_config.json"
+    sched_cfg = json.loads(sched.read_text()) if sched.is_file() else {}
     if v_pred is None:
-        sched = path / "scheduler" / "scheduler_config.json"
-        v_pred = sched.is_file() and json.loads(sched.read_text()).get("prediction_type") == "v_prediction"
-    info = ModelInfo(family, bool(v_pred))
+        v_pred = sched_cfg.get("prediction_type") == "v_prediction"
+    info = ModelInfo(family, bool(v_pred), bool(sched_cfg.get("rescale_betas_zero_snr", False)))
     base = configs_for(family)
     kw = dict(local_files_only=True, torch_dtype=dtype)
     try:
@@ -283,7 +322,7 @@ def load_components(path: Union[str, Path, None] = None, vae_path: Union[str, Pa
             for m in comps.modules():
                 torch.nn.Module.to(m, dtype=dtype)
         if v_pred is not None:
-            comps.info = ModelInfo(comps.info.family, bool(v_pred))
+            comps.info = ModelInfo(comps.info.family, bool(v_pred), comps.info.zero_terminal_snr)
     else:
         p = Path(path)
         if p.is_dir():
@@ -294,12 +333,14 @@ def load_components(path: Union[str, Path, None] = None, vae_path: Union[str, Pa
             sd = read_state_dict(p)
             meta = read_safetensors_metadata(p)
             cfgs = _configs_from_metadata(meta, p)
+            hint, ztsnr = prediction_hints(p, meta, sd)
+            if v_pred is None:
+                v_pred = hint
             if cfgs is not None:
-                if v_pred is None:
-                    v_pred = meta.get(META_V_PRED) == "true" or "v_pred" in sd
-                info = ModelInfo(cfgs.family, bool(v_pred))
+                info = ModelInfo(cfgs.family, bool(v_pred), ztsnr)
             else:
                 info = detect(sd, v_pred, where=str(p))
+                info = ModelInfo(info.family, info.v_pred, ztsnr)
                 cfgs = configs_for(info.family)
             converted = ldm_to_diffusers(sd, info, cfgs, where=str(p))
             del sd
