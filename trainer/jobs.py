@@ -1,0 +1,543 @@
+"""The training queue: ordered jobs, persisted under ``jsons/``, run one at a time in a worker thread.
+
+A :class:`JobQueue` is an object (no module state): the UI, the Web-UI tab and the tests each make
+their own. Jobs are added with their validated :class:`~trainer.config.Config`; a save name that is
+already queued or running is refused. The worker runs the queued jobs in order; a job that fails
+(bad data, a missing model, an exception anywhere) is marked failed with its message and the next
+one starts. Every job keeps its result (message, files, CSV, steps). :meth:`JobQueue.stop` stops the
+running job at its next step (the engine saves what was trained) and pauses the queue; the jobs still
+queued wait for :meth:`JobQueue.start`.
+
+The queue does not know where models come from: a *runner* does. :func:`host_runner` makes one from a
+host (:class:`StandaloneHost` here, ``trainer.host.webui.WebUIHost`` inside the Web-UI).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+from .config import Config, SettingError
+
+log = logging.getLogger("traintrain.jobs")
+
+QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
+ACTIVE = (QUEUED, RUNNING)
+STORE_NAME = "queue.json"
+FILES_DIR = "queue_files"
+TINY_MODEL = ""  # Config.model "" = the tiny built-in model
+
+
+class QueueError(ValueError):
+    """A queue request that cannot be done (duplicate name, unknown id, deleting the running job)."""
+
+
+@dataclass
+class Job:
+    id: int
+    name: str
+    mode: str
+    settings: dict  # Config.to_dict(): the preset format, so a job file is also a preset
+    status: str = QUEUED
+    message: str = ""
+    files: list = field(default_factory=list)
+    csv: str = ""
+    steps: int = 0
+    added_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def config(self) -> Config:
+        return Config.from_dict(self.settings)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Job":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+@dataclass
+class LiveProgress:
+    """What the running job reported last, plus the loss history of its current pass (for the live plot)."""
+    job_id: int
+    name: str
+    phase: str = "prepare"
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    loss_avg: float | None = None
+    lrs: tuple = ()
+    sec_per_it: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+    pass_name: str = ""
+    history: list = field(default_factory=list)  # [(step, loss, smooth, lrs)] of the current pass
+    updated: float = 0.0
+
+
+class RunControl:
+    """Handed to a runner: progress and log sinks, and the link between Stop and the TrainingRun."""
+
+    def __init__(self, queue: "JobQueue", job: Job):
+        self._queue = queue
+        self.job = job
+        self._run = None
+        self._lock = threading.Lock()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._queue._stop_event.is_set()
+
+    def attach(self, run) -> None:
+        """Register the job's TrainingRun; a Stop pressed before this point stops it at once."""
+        with self._lock:
+            self._run = run
+        if self.stop_requested:
+            run.stop()
+
+    def stop(self) -> None:
+        with self._lock:
+            run = self._run
+        if run is not None:
+            run.stop()
+
+    def progress(self, p) -> None:
+        self._queue._on_progress(self.job, p)
+
+    def log(self, message: str) -> None:
+        self._queue._on_log(self.job, message)
+
+
+class Runner(Protocol):
+    def __call__(self, cfg: Config, control: RunControl) -> Any:  # -> RunResult-like
+        ...
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class JobQueue:
+    """Ordered, persisted training jobs, run one at a time by a worker thread."""
+
+    def __init__(self, store_dir: Path | str, runner: Runner, *, on_change: Callable[[], None] | None = None,
+                 console: Callable[[str], None] | None = None):
+        self.store_dir = Path(store_dir)
+        self.path = self.store_dir / STORE_NAME
+        self.runner = runner
+        self.on_change = on_change
+        self.console = console or (lambda m: log.info(m))
+        self._lock = threading.RLock()
+        self._jobs: list[Job] = []
+        self._next_id = 1
+        self._version = 0
+        self._worker: threading.Thread | None = None
+        self._control: RunControl | None = None
+        self._stop_event = threading.Event()
+        self._live: LiveProgress | None = None
+        self._log_lines: list[str] = []
+        self._load()
+
+    # --- persistence ---------------------------------------------------------------------
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            jobs = [Job.from_json(d) for d in data.get("jobs", [])]
+            next_id = int(data.get("next_id", 1))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            # Keep the unreadable file for the user; start with an empty queue.
+            backup = self.path.with_suffix(f".broken-{int(time.time())}.json")
+            with contextlib.suppress(OSError):
+                os.replace(self.path, backup)
+            self.console(f"The queue file {self.path} could not be read ({e}); it was moved to {backup}")
+            return
+        for j in jobs:
+            if j.status == RUNNING:  # the app stopped while it ran: nothing of it was saved by us
+                j.status = FAILED
+                j.message = "Interrupted: the app stopped while this job was running; add it again to rerun it"
+                j.finished_at = j.finished_at or time.time()
+        self._jobs = jobs
+        self._next_id = max([next_id] + [j.id + 1 for j in jobs])
+        self._save()
+
+    def _save(self) -> None:
+        _atomic_json(self.path, {"version": 1, "next_id": self._next_id,
+                                 "jobs": [asdict(j) for j in self._jobs]})
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._save()
+        if self.on_change:
+            with contextlib.suppress(Exception):
+                self.on_change()
+
+    # --- views -----------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """Grows on every change of the job list (not on progress)."""
+        return self._version
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return [Job.from_json(asdict(j)) for j in self._jobs]
+
+    def get(self, job_id: int) -> Job:
+        with self._lock:
+            for j in self._jobs:
+                if j.id == int(job_id):
+                    return Job.from_json(asdict(j))
+        raise QueueError(f"job {job_id}: no such job in the queue")
+
+    @property
+    def running(self) -> Job | None:
+        with self._lock:
+            for j in self._jobs:
+                if j.status == RUNNING:
+                    return Job.from_json(asdict(j))
+        return None
+
+    @property
+    def busy(self) -> bool:
+        w = self._worker
+        return w is not None and w.is_alive()
+
+    def pending(self) -> list[Job]:
+        return [j for j in self.jobs() if j.status == QUEUED]
+
+    def live(self) -> LiveProgress | None:
+        """A copy of the running job's last progress report (None when nothing runs)."""
+        with self._lock:
+            if self._live is None:
+                return None
+            lp = LiveProgress(**{k: getattr(self._live, k) for k in LiveProgress.__dataclass_fields__})
+            lp.history = list(self._live.history)
+            return lp
+
+    def log_lines(self, last: int = 50) -> list[str]:
+        with self._lock:
+            return list(self._log_lines[-last:])
+
+    # --- changes ---------------------------------------------------------------------------
+    def add(self, cfg: Config, files: dict[str, str | Path] | None = None) -> Job:
+        """Queue a job. ``files`` = {"original_image": path, ...}: copied into the queue's folder so the
+        job still finds them after a restart (upload folders are temporary). Raises QueueError when
+        the save name is already queued or running."""
+        name = cfg.save_lora_name
+        with self._lock:
+            for j in self._jobs:
+                if j.status in ACTIVE and j.name == name:
+                    raise QueueError(f'save_lora_name: "{name}" is already {j.status} (job {j.id}); '
+                                     f"choose another name or delete job {j.id}")
+            job_id = self._next_id
+            self._next_id += 1
+            if files:
+                cfg = cfg.replace(**self._keep_files(job_id, files))
+            job = Job(id=job_id, name=name, mode=cfg.mode, settings=cfg.to_dict(), added_at=time.time())
+            self._jobs.append(job)
+            self._changed()
+            return Job.from_json(asdict(job))
+
+    def _keep_files(self, job_id: int, files: dict[str, str | Path]) -> dict[str, str]:
+        out = {}
+        folder = self.store_dir / FILES_DIR / str(job_id)
+        for attr, src in files.items():
+            if not src:
+                continue
+            src = Path(src)
+            folder.mkdir(parents=True, exist_ok=True)
+            dst = folder / f"{attr}{src.suffix.lower()}"
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+            out[attr] = str(dst.resolve())
+        return out
+
+    def delete(self, job_id: int | str) -> Job:
+        """Remove a job (queued or finished) by id; the running job must be stopped first."""
+        try:
+            job_id = int(str(job_id).strip().lstrip("#").split()[0])
+        except (ValueError, IndexError):
+            raise QueueError(f"delete: {str(job_id)!r} is not a job id") from None
+        with self._lock:
+            for i, j in enumerate(self._jobs):
+                if j.id == job_id:
+                    if j.status == RUNNING:
+                        raise QueueError(f"job {job_id} ({j.name}) is running: press Stop first")
+                    del self._jobs[i]
+                    shutil.rmtree(self.store_dir / FILES_DIR / str(job_id), ignore_errors=True)
+                    self._changed()
+                    return j
+        raise QueueError(f"job {job_id}: no such job in the queue")
+
+    def clear_finished(self) -> int:
+        with self._lock:
+            keep = [j for j in self._jobs if j.status in ACTIVE]
+            gone = [j for j in self._jobs if j.status not in ACTIVE]
+            for j in gone:
+                shutil.rmtree(self.store_dir / FILES_DIR / str(j.id), ignore_errors=True)
+            self._jobs = keep
+            if gone:
+                self._changed()
+            return len(gone)
+
+    # --- running ---------------------------------------------------------------------------
+    def start(self) -> bool:
+        """Run the queued jobs (in a worker thread). False when already running or nothing is queued."""
+        with self._lock:
+            if self.busy or not any(j.status == QUEUED for j in self._jobs):
+                return False
+            self._stop_event.clear()
+            self._worker = threading.Thread(target=self._work, name="traintrain-queue", daemon=True)
+            self._worker.start()
+            return True
+
+    def stop(self) -> str:
+        """Stop the running job at its next step (what was trained is saved) and pause the queue."""
+        with self._lock:
+            if not self.busy:
+                return "Nothing is training"
+            self._stop_event.set()
+            control = self._control
+            running = next((j for j in self._jobs if j.status == RUNNING), None)
+        if control is not None:
+            control.stop()
+        waiting = sum(1 for j in self.jobs() if j.status == QUEUED)
+        tail = f"; {waiting} queued job(s) wait for Start" if waiting else ""
+        what = f"{running.name} (job {running.id})" if running else "the queue"
+        return f"Stopping {what} at the next step; what was trained will be saved{tail}"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the worker is idle. True if it is."""
+        w = self._worker
+        if w is not None:
+            w.join(timeout)
+        return not self.busy
+
+    def _next_job(self) -> Job | None:
+        with self._lock:
+            if self._stop_event.is_set():
+                return None
+            for j in self._jobs:
+                if j.status == QUEUED:
+                    j.status = RUNNING
+                    j.started_at = time.time()
+                    j.message = "Starting"
+                    self._live = LiveProgress(job_id=j.id, name=j.name, updated=time.time())
+                    self._log_lines = []
+                    self._changed()
+                    return j
+        return None
+
+    def _work(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            control = RunControl(self, job)
+            with self._lock:
+                self._control = control
+            self.console(f"TrainTrain: job {job.id} ({job.name}, {job.mode}) started")
+            status, message, files, csv, steps = FAILED, "", [], "", 0
+            try:
+                cfg = job.config()
+                result = self.runner(cfg, control)
+                files = [str(f) for f in getattr(result, "files", [])]
+                csv = str(result.csv) if getattr(result, "csv", None) else ""
+                steps = int(getattr(result, "steps", 0) or 0)
+                message = str(result.message)
+                if getattr(result, "stopped", False):
+                    status = STOPPED
+                else:
+                    status = DONE if result.ok else FAILED
+            except SettingError as e:
+                message = str(e)
+            except Exception as e:  # one failing job never stops the rest
+                message = f"Error: {e}" if str(e) else f"Error: {type(e).__name__}"
+                self.console(f"TrainTrain: job {job.id} ({job.name}) failed:\n{traceback.format_exc()}")
+            finally:
+                with self._lock:
+                    for j in self._jobs:
+                        if j.id == job.id:
+                            j.status, j.message, j.files, j.csv, j.steps = status, message, files, csv, steps
+                            j.finished_at = time.time()
+                    self._control = None
+                    self._live = None
+                    self._changed()
+            self.console(f"TrainTrain: job {job.id} ({job.name}) {status}: {message}")
+
+    # --- callbacks from the running job -------------------------------------------------------
+    def _on_progress(self, job: Job, p) -> None:
+        with self._lock:
+            lp = self._live
+            if lp is None or lp.job_id != job.id:
+                return
+            if p.phase == "train":
+                pass_name = p.message or job.name
+                if pass_name != lp.pass_name or (lp.history and p.step <= lp.history[-1][0]):
+                    lp.history = []
+                lp.pass_name = pass_name
+                lp.history.append((p.step, p.loss, p.loss_avg, tuple(p.lrs)))
+                lp.step, lp.total, lp.loss, lp.loss_avg = p.step, p.total, p.loss, p.loss_avg
+                lp.lrs, lp.sec_per_it, lp.eta_s = tuple(p.lrs), p.sec_per_it, p.eta_s
+            else:
+                lp.message = p.message
+            lp.phase = p.phase
+            lp.updated = time.time()
+
+    def _on_log(self, job: Job, message: str) -> None:
+        with self._lock:
+            self._log_lines.append(message)
+            del self._log_lines[:-200]
+        self.console(message)
+
+
+# ------------------------------------------------------------------------------------------
+# Hosts and the runner
+# ------------------------------------------------------------------------------------------
+
+class StandaloneHost:
+    """Outside the Web-UI: models are files under ``model_dir`` (or the tiny built-in model);
+    LoRAs go to ``lora_dir`` (default ``workdir/output``), logs, jsons and cache under ``workdir``."""
+
+    name = "standalone"
+    TINY_LABEL = "tiny-sd1 (built-in test model)"
+
+    def __init__(self, workdir: Path | str = ".", *, model_dir: Path | str | None = None,
+                 lora_dir: Path | str | None = None, vae_dir: Path | str | None = None, device=None):
+        from .engine import OutputPaths
+
+        self.workdir = Path(workdir).resolve()
+        self.model_dir = Path(model_dir).resolve() if model_dir else None
+        self.vae_dir = Path(vae_dir).resolve() if vae_dir else self.model_dir
+        self._paths = OutputPaths.under(self.workdir)
+        if lora_dir:
+            self._paths.lora_dir = Path(lora_dir).resolve()
+        self.device = device
+
+    def paths(self):
+        return self._paths
+
+    def model_choices(self) -> list[str]:
+        from .host.standalone import list_models
+
+        return [self.TINY_LABEL] + list_models(self.model_dir)
+
+    def vae_choices(self) -> list[str]:
+        from .host.standalone import MODEL_EXTENSIONS
+
+        found = []
+        if self.vae_dir and self.vae_dir.is_dir():
+            found = sorted(str(p.relative_to(self.vae_dir)) for p in self.vae_dir.rglob("*")
+                           if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS and "vae" in p.name.lower())
+        return ["None"] + found
+
+    def default_model(self) -> str:
+        return self.TINY_LABEL
+
+    def model_value(self, label: str | None) -> str:
+        """Dropdown label -> Config.model."""
+        return TINY_MODEL if not label or label == self.TINY_LABEL else label
+
+    def model_label(self, value: str | None) -> str:
+        return self.TINY_LABEL if not value else value
+
+    @contextlib.contextmanager
+    def session(self, cfg: Config, control: RunControl) -> Iterator[Any]:
+        from .host.standalone import load_components
+
+        yield load_components(cfg.model or None, cfg.vae or None, model_dir=self.model_dir, vae_dir=self.vae_dir,
+                              v_pred=cfg.model_v_pred or None)
+
+    def interrupted(self) -> bool:
+        return False
+
+    def on_progress(self, p) -> None:
+        pass
+
+
+def host_runner(host) -> Runner:
+    """A runner that loads the job's model through ``host`` and trains it with the engine."""
+
+    def run(cfg: Config, control: RunControl):
+        from .engine import RunResult, TrainingRun, write_settings_json
+        from .modes import mode_for
+
+        paths = host.paths()
+        try:
+            mode = mode_for(cfg.mode)
+            if hasattr(mode, "check"):  # bad inputs are reported before the model loads
+                mode.check(cfg)
+        except NotImplementedError as e:
+            return RunResult(False, str(e))
+        except ValueError as e:
+            return RunResult(False, str(e))
+        if cfg.save_as_json:
+            path = write_settings_json(cfg, paths, time.time())
+            control.log(f"Settings saved to {path}")
+        if control.stop_requested:
+            return RunResult(False, "Stopped before training began; nothing was saved", stopped=True)
+
+        def progress(p):
+            control.progress(p)
+            host.on_progress(p)
+            if host.interrupted():
+                control.stop()
+
+        try:
+            with host.session(cfg, control) as components:
+                run = TrainingRun(cfg, components, paths, on_progress=progress, log=control.log,
+                                  device=getattr(host, "device", None))
+                control.attach(run)
+                watcher = _InterruptWatcher(host, run)
+                try:
+                    return run.run(mode)
+                finally:
+                    watcher.close()
+        except ValueError as e:  # bad input found while preparing: data, model files, settings
+            return RunResult(False, str(e), stopped=control.stop_requested)
+
+    return run
+
+
+class _InterruptWatcher:
+    """Polls ``host.interrupted()`` (the Web-UI's Interrupt button) while a run prepares or trains."""
+
+    def __init__(self, host, run, every: float = 0.5):
+        self._done = threading.Event()
+        self._thread = None
+        if type(host).interrupted is StandaloneHost.interrupted:
+            return
+        self._thread = threading.Thread(target=self._poll, args=(host, run, every), daemon=True)
+        self._thread.start()
+
+    def _poll(self, host, run, every):
+        while not self._done.wait(every):
+            with contextlib.suppress(Exception):
+                if host.interrupted():
+                    run.stop()
+                    return
+
+    def close(self):
+        self._done.set()

@@ -1,0 +1,668 @@
+"""The TrainTrain tab: Gradio Blocks, the same in the Web-UI (gradio 3.41 / 4) and standalone (gradio 4-6).
+
+This is the only module that imports gradio. Every widget of the Train tab is generated from the
+settings table (``trainer.config.SETTINGS``); the values the user set go through
+``Config.from_dict`` so a bad value gives a message naming the setting and the value, never a
+traceback. Jobs run in a :class:`~trainer.jobs.JobQueue` (one at a time, in a worker thread);
+a timer polls the queue for the live status line and the live loss plot.
+
+:class:`TrainTrainUI` holds the handlers as plain methods (tests call them with real values);
+:meth:`TrainTrainUI.build` wires them to widgets. Use :func:`create_ui` and :func:`launch`.
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import gradio as gr
+
+from .config import (
+    BLOCK_IDS,
+    MODES,
+    SETTINGS,
+    Config,
+    Setting,
+    SettingError,
+)
+from .jobs import ACTIVE, DONE, FAILED, QUEUED, RUNNING, STOPPED, JobQueue, QueueError, host_runner
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_PRESETS = ROOT / "presets"
+CSS_FILE = ROOT / "style.css"
+GRADIO_VERSION = tuple(int(x) for x in gr.__version__.split(".")[:2] if x.isdigit())
+PAIR_MODES = ("Difference", "ADDifT")
+PROMPT_MODES = ("iLECO", "Difference", "ADDifT")
+QUEUE_HEADERS = ["Job", "Name", "Mode", "Status", "Result"]
+POLL_SECONDS = 1.0
+NO_PRESET = ""
+
+#: Rows before network_blocks are the original's "Required parameters", the rest "Option parameters".
+_BLOCKS_AT = [s.name for s in SETTINGS].index("network_blocks")
+REQUIRED = tuple(s for s in SETTINGS[:_BLOCKS_AT])
+OPTIONS = tuple(s for s in SETTINGS[_BLOCKS_AT + 1:])
+#: Settings with a widget in the main panel (all but the Difference-2nd-pass-only flag).
+PASS1 = tuple(s for s in SETTINGS if any(s.visible_in(m) for m in MODES))
+#: Settings of the 2nd-pass panel (Difference only).
+PASS2 = tuple(s for s in SETTINGS if s.visible_in("Difference2"))
+
+
+def _make(cls, *args, **kw):
+    """A gradio component with only the keyword arguments this gradio version knows."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return cls(*args, **kw)
+    return cls(*args, **{k: v for k, v in kw.items() if k in params})
+
+
+def _upd(**kw) -> dict:
+    return gr.update(**kw)
+
+
+def _no_change() -> dict:
+    return gr.update()
+
+
+def _ui_value(s: Setting, value: Any) -> Any:
+    """A typed setting value as its widget shows it."""
+    v = s.format(value)
+    if s.widget == "checkgroup":
+        return list(v)
+    if s.widget == "checkbox":
+        return bool(v)
+    return "" if v is None else v
+
+
+def _choices(s: Setting) -> list | None:
+    if s.choices is None:
+        return None
+    return [str(x) for x in s.format(s.choices)] if s.widget == "checkgroup" else [s.format(c) for c in s.choices]
+
+
+def _hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class TrainTrainUI:
+    """The Train, Queue and Plot tabs over one host and one queue."""
+
+    def __init__(self, host, *, queue: JobQueue | None = None, lang: str = "en",
+                 preset_dirs: Sequence[Path] | None = None, user_preset_dir: Path | None = None):
+        self.host = host
+        paths = host.paths()
+        self.paths = paths
+        self.queue = queue if queue is not None else JobQueue(paths.json_dir, host_runner(host))
+        self.lang = lang
+        workdir = Path(getattr(host, "workdir", ROOT))
+        self.user_preset_dir = Path(user_preset_dir) if user_preset_dir else workdir / "presets"
+        dirs = list(preset_dirs) if preset_dirs else [SHIPPED_PRESETS]
+        self.preset_dirs = [d for d in dirs if Path(d).resolve() != self.user_preset_dir.resolve()]
+        self._live_dir = Path(tempfile.mkdtemp(prefix="traintrain-live-"))
+        self.blocks = None
+        self.widgets: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------
+    # Values <-> Config
+    # ------------------------------------------------------------------------------------
+    @property
+    def input_names(self) -> list[str]:
+        """The order of the values every settings handler takes (the widgets' order)."""
+        return (["mode", "model", "vae"] + [f"1:{s.name}" for s in PASS1] + [f"2:{s.name}" for s in PASS2]
+                + ["original_prompt", "target_prompt", "negative_prompt", "original_image", "target_image"])
+
+    def values_dict(self, values: Sequence[Any]) -> dict[str, Any]:
+        names = self.input_names
+        if len(values) != len(names):  # a wiring error, not a user error
+            raise RuntimeError(f"TrainTrain UI: {len(values)} values for {len(names)} widgets")
+        return dict(zip(names, values))
+
+    def config_from_values(self, values: Sequence[Any]) -> tuple[Config, dict[str, str]]:
+        """The widget values -> (Config, image files to keep). Raises SettingError."""
+        v = self.values_dict(values)
+        mode = v["mode"] or "LoRA"
+        d: dict[str, Any] = {"mode": mode, "model": self.host.model_value(v["model"]),
+                             "vae": "" if v["vae"] in (None, "", "None") else v["vae"]}
+        for s in PASS1:
+            d[s.key] = self._raw(s, v[f"1:{s.name}"])
+        use_second = bool(v["2:use_2nd_pass_settings"])
+        d["use_2nd_pass_settings"] = use_second
+        if mode == "Difference" and use_second:
+            d["2nd pass"] = {s.key: self._raw(s, v[f"2:{s.name}"]) for s in PASS2}
+        else:
+            d["2nd pass"] = None
+        for attr in ("original_prompt", "target_prompt", "negative_prompt"):
+            d[attr] = v[attr] or ""
+        files = {}
+        for attr in ("original_image", "target_image"):
+            path = _image_path(v[attr])
+            if path and mode in PAIR_MODES:
+                files[attr] = path
+                d[attr] = path
+        return Config.from_dict(d), files
+
+    @staticmethod
+    def _raw(s: Setting, value: Any) -> Any:
+        if s.widget == "checkgroup":
+            return list(value or [])
+        if value is None:
+            return "" if s.type is not bool else False
+        return value
+
+    def precheck(self, cfg: Config) -> None:
+        """What can be known before a job is queued: the inputs its mode needs, and an existing file."""
+        mode = cfg.mode
+        if mode in ("LoRA", "Multi-ADDifT"):
+            folder = cfg.lora_data_directory
+            if not folder:
+                raise SettingError("lora_data_directory: empty (allowed: a folder of training images)",
+                                   setting="lora_data_directory", value=folder)
+            if not Path(folder).expanduser().is_dir():
+                raise SettingError(f'lora_data_directory: "{folder}" is not a folder (allowed: a folder of '
+                                   f"training images)", setting="lora_data_directory", value=folder)
+        if mode in PAIR_MODES:
+            for attr in ("original_image", "target_image"):
+                if not getattr(cfg, attr):
+                    raise SettingError(f"{attr.replace('_', ' ')}: no image (allowed: an image file; "
+                                       f"{mode} needs an original and a target image)", setting=attr, value="")
+        if not cfg.save_overwrite:
+            out = Path(self.paths.lora_dir) / f"{cfg.save_lora_name}.safetensors"
+            if out.exists():
+                raise SettingError(f'save_lora_name: "{cfg.save_lora_name}": {out} already exists; choose '
+                                   f"another name or turn on save_overwrite", setting="save_lora_name",
+                                   value=cfg.save_lora_name)
+        try:
+            from .modes import mode_for
+
+            mode_obj = mode_for(mode)
+        except NotImplementedError as e:
+            raise SettingError(str(e), setting="mode", value=mode) from None
+        if hasattr(mode_obj, "check"):  # the mode's own input checks (prompts, image pair, suffix)
+            try:
+                mode_obj.check(cfg)
+            except SettingError:
+                raise
+            except ValueError as e:
+                raise SettingError(str(e)) from None
+
+    def config_updates(self, cfg: Config) -> list:
+        """Updates for every settings widget (input_names order) showing ``cfg``, with the visibility of its mode."""
+        second = cfg.second_pass or cfg
+        out = [_upd(value=cfg.mode), _no_change(), _upd(value=cfg.vae or "None")]
+        model_label = self.host.model_label(cfg.model)
+        if model_label in self.host.model_choices():
+            out[1] = _upd(value=model_label)
+        out += [_upd(value=_ui_value(s, getattr(cfg, s.name)), visible=s.visible_in(cfg.mode)) for s in PASS1]
+        out += [_upd(value=_ui_value(s, getattr(second, s.name))) for s in PASS2]
+        out += [_upd(value=cfg.original_prompt), _upd(value=cfg.target_prompt), _upd(value=cfg.negative_prompt)]
+        for attr in ("original_image", "target_image"):
+            path = getattr(cfg, attr)
+            out.append(_upd(value=path) if path and Path(path).is_file() else _no_change())
+        return out
+
+    # ------------------------------------------------------------------------------------
+    # Handlers (plain methods; build() wires them)
+    # ------------------------------------------------------------------------------------
+    def change_mode(self, mode: str) -> list:
+        """Visibility of every pass-1 widget, then the 2nd-pass panel, the prompt group, the image group."""
+        mode = mode if mode in MODES else "LoRA"
+        out = [_upd(visible=s.visible_in(mode)) for s in PASS1]
+        out += [_upd(visible=mode == "Difference"), _upd(visible=mode in PROMPT_MODES),
+                _upd(visible=mode in PAIR_MODES)]
+        return out
+
+    def copy_first_pass(self, *values) -> list:
+        """'Copy settings from 1st pass': the pass-1 values into the 2nd-pass panel."""
+        v = self.values_dict(values)
+        return [_upd(value=True) if s.name == "use_2nd_pass_settings" else _upd(value=v[f"1:{s.name}"])
+                for s in PASS2]
+
+    def start(self, *values) -> list:
+        """Start Training: validate, queue, and run the queue. -> [message, queue table, job choices]."""
+        return self._enqueue(values, run=True)
+
+    def add_to_queue(self, *values) -> list:
+        return self._enqueue(values, run=False)
+
+    def _enqueue(self, values, run: bool) -> list:
+        try:
+            cfg, files = self.config_from_values(values)
+            self.precheck(cfg)
+            job = self.queue.add(cfg, files)
+        except (SettingError, QueueError) as e:
+            return [f"Error: {e}"] + self.queue_view()
+        except OSError as e:
+            return [f"Error: could not keep the input files ({e})"] + self.queue_view()
+        ahead = [j for j in self.queue.jobs() if j.status in ACTIVE and j.id != job.id]
+        if run:
+            started = self.queue.start()
+            if started and not ahead:
+                msg = f"Started {job.name} (job {job.id}, {job.mode})"
+            elif started:
+                msg = f"Started the queue; {job.name} (job {job.id}) runs after {len(ahead)} job(s) ahead of it"
+            else:
+                msg = f"Training is running: {job.name} (job {job.id}) is queued behind {len(ahead)} job(s)"
+        else:
+            msg = f"Added {job.name} to the queue (job {job.id})"
+            msg += "; it runs after the current job" if self.queue.busy else "; press Run Queue or Start Training"
+        return [msg] + self.queue_view()
+
+    def stop(self) -> str:
+        return self.queue.stop()
+
+    def run_queue(self) -> list:
+        if self.queue.busy:
+            msg = "The queue is already running"
+        elif self.queue.start():
+            msg = f"Running the queue ({len(self.queue.pending())} job(s))"
+        else:
+            msg = "Nothing is queued"
+        return [msg] + self.queue_view()
+
+    def delete_job(self, choice: str | None) -> list:
+        if not choice:
+            return ["Choose a job to delete"] + self.queue_view()
+        try:
+            job = self.queue.delete(choice)
+        except QueueError as e:
+            return [f"Error: {e}"] + self.queue_view()
+        return [f"Deleted job {job.id} ({job.name}, {job.status})"] + self.queue_view()
+
+    def clear_finished(self) -> list:
+        n = self.queue.clear_finished()
+        return [f"Removed {n} finished job(s) from the list"] + self.queue_view()
+
+    def queue_view(self) -> list:
+        """[queue table rows, job-choice dropdown update]."""
+        rows, choices = [], []
+        for j in self.queue.jobs():
+            result = j.message
+            if j.status == RUNNING:
+                lp = self.queue.live()
+                if lp and lp.total:
+                    result = f"step {lp.step}/{lp.total}"
+            rows.append([str(j.id), j.name, j.mode, j.status, result])
+            choices.append(f"{j.id}: {j.name} ({j.status})")
+        table = _upd(value=rows or [["", "", "", "", "(the queue is empty)"]])
+        return [table, _upd(choices=choices, value=None)]
+
+    # --- presets ---------------------------------------------------------------------------
+    def preset_names(self) -> list[str]:
+        names = set()
+        for d in [*self.preset_dirs, self.user_preset_dir]:
+            if Path(d).is_dir():
+                names.update(p.stem for p in Path(d).glob("*.json"))
+        return sorted(names, key=str.casefold)
+
+    def preset_path(self, name: str) -> Path | None:
+        for d in [self.user_preset_dir, *self.preset_dirs]:
+            p = Path(d) / f"{name}.json"
+            if p.is_file():
+                return p
+        return None
+
+    def refresh_presets(self, current: str | None = None) -> dict:
+        names = self.preset_names()
+        return _upd(choices=names, value=current if current in names else None)
+
+    def load_preset(self, name: str | None) -> list:
+        """-> [message] + config_updates(preset) + change_mode(preset mode)."""
+        n = len(self.input_names) + 3
+        if not name:
+            return ["Choose a preset to load"] + [_no_change()] * n
+        path = self.preset_path(name)
+        if path is None:
+            return [f"Error: preset {name!r} was not found in {self.user_preset_dir}"] + [_no_change()] * n
+        try:
+            cfg = Config.load_preset(path)
+        except SettingError as e:
+            return [f"Error: {e}"] + [_no_change()] * n
+        return [f"Loaded preset {name} ({cfg.mode})"] + self.config_updates(cfg) + self.change_mode(cfg.mode)[-3:]
+
+    def save_preset(self, name: str, overwrite: bool, *values) -> list:
+        """-> [message, preset dropdown update]."""
+        try:
+            cfg, _files = self.config_from_values(values)
+        except SettingError as e:
+            return [f"Error: {e}", _no_change()]
+        name = (name or "").strip() or cfg.save_lora_name
+        bad = set('<>:"/\\|?*') & set(name)
+        if bad or name in (".", ".."):
+            return [f'Error: preset name "{name}" contains characters a file name cannot have', _no_change()]
+        # images and prompts are the job's inputs, not the preset's
+        cfg = cfg.replace(original_image="", target_image="")
+        path = self.user_preset_dir / f"{name}.json"
+        try:
+            cfg.save_preset(path, overwrite=bool(overwrite))
+        except FileExistsError:
+            return [f"Error: preset {name} exists ({path}); tick 'overwrite' or choose another name",
+                    _no_change()]
+        except OSError as e:
+            return [f"Error: could not save {path}: {e}", _no_change()]
+        return [f"Preset saved: {path}", self.refresh_presets(name)]
+
+    # --- models ----------------------------------------------------------------------------
+    def refresh_models(self, current: str | None = None) -> list:
+        if hasattr(self.host, "refresh"):
+            self.host.refresh()
+        models = self.host.model_choices()
+        model = current if current in models else self.host.default_model()
+        return [_upd(choices=models, value=model)]
+
+    def refresh_vaes(self, current: str | None = None) -> list:
+        if hasattr(self.host, "refresh"):
+            self.host.refresh()
+        vaes = self.host.vae_choices()
+        return [_upd(choices=vaes, value=current if current in vaes else "None")]
+
+    # --- live status and plot ----------------------------------------------------------------
+    def status_line(self) -> str:
+        lp = self.queue.live()
+        queued = len(self.queue.pending())
+        tail = f" · {queued} queued" if queued else ""
+        if lp is None:
+            jobs = [j for j in self.queue.jobs() if j.status in (DONE, STOPPED, FAILED)]
+            if jobs:
+                last = max(jobs, key=lambda j: j.finished_at or 0)
+                return f"Idle · last: {last.name} (job {last.id}) {last.status}: {last.message}{tail}"
+            return f"Idle{tail}"
+        if lp.phase == "train" and lp.total:
+            lrs = " ".join(f"{x:.2e}" for x in lp.lrs) or "?"
+            name = lp.pass_name or lp.name
+            return (f"Training {name} (job {lp.job_id}) · step {lp.step}/{lp.total} · loss {lp.loss:.4f} "
+                    f"(avg {lp.loss_avg:.4f}) · lr {lrs} · {lp.sec_per_it:.2f} s/it · ETA {_hms(lp.eta_s)}{tail}")
+        what = {"prepare": "Preparing", "save": "Saving", "done": "Finishing"}.get(lp.phase, lp.phase.title())
+        msg = f": {lp.message}" if lp.message else ""
+        return f"{what} {lp.name} (job {lp.job_id}){msg}{tail}"
+
+    def live_plot(self, last_key: Any = None) -> tuple[Any, Any]:
+        """-> (Figure or None when there is nothing new, key of what is drawn)."""
+        lp = self.queue.live()
+        if lp is None or len(lp.history) < 2:
+            return None, last_key
+        key = (lp.job_id, lp.pass_name, len(lp.history))
+        if key == last_key:
+            return None, last_key
+        path = self._live_dir / f"job{lp.job_id}.csv"
+        _write_history_csv(path, lp.pass_name or lp.name, lp.history)
+        from .plot import plot_log
+
+        return plot_log(path), key
+
+    def poll(self, state: dict | None) -> list:
+        """Timer tick -> [status line, live plot, queue table, job choices, state]."""
+        state = dict(state or {})
+        status = self.status_line()
+        fig, key = self.live_plot(state.get("plot"))
+        plot = _upd(value=fig) if fig is not None else _no_change()
+        state["plot"] = key
+        version = (self.queue.version, self.queue.live().step if self.queue.live() else None)
+        if state.get("queue") != version:
+            state["queue"] = version
+            table, choices = self.queue_view()
+        else:
+            table, choices = _no_change(), _no_change()
+        return [status, plot, table, choices, state]
+
+    # --- Plot tab ----------------------------------------------------------------------------
+    def log_files(self) -> list[str]:
+        """CSV logs under logs/ (only there: bug #20), newest first, relative to it."""
+        root = Path(self.paths.log_dir)
+        if not root.is_dir():
+            return []
+        files = sorted(root.rglob("*.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [str(p.relative_to(root)) for p in files]
+
+    def refresh_logs(self) -> dict:
+        files = self.log_files()
+        return _upd(choices=files, value=files[0] if files else None)
+
+    def draw_log(self, name: str | None) -> list:
+        """-> [plot, message]."""
+        from .plot import plot_log
+
+        if not name:
+            files = self.log_files()
+            if not files:
+                return [None, f"No CSV logs in {self.paths.log_dir} yet (turn on logging_save_csv)"]
+            name = files[0]
+        root = Path(self.paths.log_dir).resolve()
+        path = (root / name).resolve()
+        if root not in path.parents or not path.is_file():
+            return [None, f"Error: {name} is not a log file in {root}"]
+        try:
+            fig = plot_log(path)
+        except (OSError, ValueError) as e:
+            return [None, f"Error: {e}"]
+        return [fig, f"{path}"]
+
+    # ------------------------------------------------------------------------------------
+    # Layout and wiring
+    # ------------------------------------------------------------------------------------
+    def _widget(self, s: Setting, prefix: str, mode: str, value: Any = None):
+        value = _ui_value(s, s.default if value is None else value)
+        help_text = s.help_ja if self.lang == "ja" else s.help_en
+        common = dict(label=s.label, elem_id=f"{prefix}{s.name}", info=help_text,
+                      visible=prefix == "tt2_" or s.visible_in(mode))
+        if s.widget == "dropdown":
+            return _make(gr.Dropdown, choices=_choices(s), value=value, allow_custom_value=not s.strict_choices
+                         or s.allow_empty, **common)
+        if s.widget == "checkbox":
+            return _make(gr.Checkbox, value=value, **common)
+        if s.widget == "checkgroup":
+            return _make(gr.CheckboxGroup, choices=_choices(s), value=value, **common)
+        if s.widget == "radio":
+            return _make(gr.Radio, choices=_choices(s), value=value, **common)
+        lines = 2 if s.type is dict else 1
+        return _make(gr.Textbox, value=value, lines=lines, max_lines=8 if s.type is dict else 1, **common)
+
+    def _grid(self, rows: Sequence[Setting], prefix: str, mode: str, out: dict) -> None:
+        cols = 3
+        per = -(-len(rows) // cols)
+        with gr.Row():
+            for c in range(cols):
+                with _make(gr.Column, min_width=240):
+                    for s in rows[c * per:(c + 1) * per]:
+                        out[s.name] = self._widget(s, prefix, mode)
+
+    def build(self, mode: str = "LoRA") -> "gr.Blocks":
+        w = self.widgets
+        blocks_kw = {"analytics_enabled": False, "title": "TrainTrain"}
+        if GRADIO_VERSION < (5, 0) and CSS_FILE.is_file():
+            blocks_kw["css"] = CSS_FILE.read_text(encoding="utf-8")
+        with _make(gr.Blocks, **blocks_kw) as blocks:
+            with gr.Tabs(elem_id="tt_tabs"):
+                with gr.Tab("Train", elem_id="tt_tab_train"):
+                    self._build_train(w, mode)
+                with gr.Tab("Plot", elem_id="tt_tab_plot"):
+                    self._build_plot(w)
+            self._wire(blocks, w)
+        self.blocks = blocks
+        return blocks
+
+    def _build_train(self, w: dict, mode: str) -> None:
+        with gr.Row(elem_id="tt_top"):
+            with _make(gr.Column, scale=3):
+                w["message"] = _make(gr.Textbox, label="Message", elem_id="tt_message", interactive=False, lines=1,
+                                     max_lines=6)
+                w["status"] = _make(gr.Textbox, label="Status", elem_id="tt_status", interactive=False,
+                                    value=self.status_line(), lines=1, max_lines=2)
+            with _make(gr.Column, scale=2, min_width=320):
+                with gr.Row():
+                    w["start"] = _make(gr.Button, "Start Training", variant="primary", elem_id="tt_start")
+                    w["stop"] = _make(gr.Button, "Stop", variant="stop", elem_id="tt_stop")
+                    w["queue_add"] = _make(gr.Button, "Add to Queue", elem_id="tt_queue_add")
+                with gr.Row(elem_id="tt_preset_row"):
+                    w["preset"] = _make(gr.Dropdown, choices=self.preset_names(), value=None, label="Preset",
+                                        elem_id="tt_preset", scale=3)
+                    w["preset_load"] = _make(gr.Button, "↙️ Load", elem_id="tt_preset_load", size="sm",
+                                             elem_classes=["tt-tool"])
+                    w["preset_refresh"] = _make(gr.Button, "🔄", elem_id="tt_preset_refresh", size="sm",
+                                                elem_classes=["tt-tool"])
+                with gr.Row(elem_id="tt_preset_save_row"):
+                    w["preset_name"] = _make(gr.Textbox, label="Save preset as", elem_id="tt_preset_name",
+                                             placeholder="empty: the save_lora_name", scale=3)
+                    w["preset_overwrite"] = _make(gr.Checkbox, label="overwrite", value=False,
+                                                  elem_id="tt_preset_overwrite")
+                    w["preset_save"] = _make(gr.Button, "💾 Save", elem_id="tt_preset_save", size="sm",
+                                             elem_classes=["tt-tool"])
+        with gr.Row():
+            with _make(gr.Column, scale=3):
+                w["live_plot"] = _make(gr.Plot, label="Loss (live)", elem_id="tt_live_plot")
+            with _make(gr.Column, scale=2):
+                with _make(gr.Accordion, "Queue", open=True, elem_id="tt_queue_acc"):
+                    w["queue_table"] = _make(gr.Dataframe, headers=QUEUE_HEADERS, value=self.queue_view()[0]["value"],
+                                             interactive=False, wrap=True, elem_id="tt_queue_table",
+                                             datatype=["str"] * len(QUEUE_HEADERS))
+                    with gr.Row():
+                        w["job_choice"] = _make(gr.Dropdown, choices=self.queue_view()[1]["choices"], value=None,
+                                                label="Job", elem_id="tt_job_choice", scale=3)
+                        w["job_delete"] = _make(gr.Button, "Delete", elem_id="tt_job_delete", size="sm")
+                    with gr.Row():
+                        w["queue_run"] = _make(gr.Button, "Run Queue", elem_id="tt_queue_run", size="sm")
+                        w["queue_clear"] = _make(gr.Button, "Clear finished", elem_id="tt_queue_clear", size="sm")
+        w["mode"] = _make(gr.Radio, choices=list(MODES), value=mode, label="Mode", elem_id="tt_mode")
+        with gr.Row():
+            w["model"] = _make(gr.Dropdown, choices=self.host.model_choices(), value=self.host.default_model(),
+                               label="Model", elem_id="tt_model", scale=4)
+            w["model_refresh"] = _make(gr.Button, "🔄", elem_id="tt_model_refresh", size="sm",
+                                       elem_classes=["tt-tool"])
+            w["vae"] = _make(gr.Dropdown, choices=self.host.vae_choices(), value="None", label="VAE",
+                             elem_id="tt_vae", scale=3)
+            w["vae_refresh"] = _make(gr.Button, "🔄", elem_id="tt_vae_refresh", size="sm", elem_classes=["tt-tool"])
+        with _make(gr.Column, visible=mode in PROMPT_MODES, elem_id="tt_prompts") as w["prompt_group"]:
+            with gr.Row():
+                w["original_prompt"] = _make(gr.Textbox, label="Original prompt", lines=2,
+                                             elem_id="tt_original_prompt")
+                w["target_prompt"] = _make(gr.Textbox, label="Target prompt (iLECO: empty = erase)", lines=2,
+                                           elem_id="tt_target_prompt")
+                w["negative_prompt"] = _make(gr.Textbox, label="Negative prompt", lines=2,
+                                             elem_id="tt_negative_prompt")
+        with _make(gr.Column, visible=mode in PAIR_MODES, elem_id="tt_images") as w["image_group"]:
+            with gr.Row():
+                w["original_image"] = _make(gr.Image, label="Original image", type="filepath", image_mode="RGBA",
+                                            elem_id="tt_original_image")
+                w["target_image"] = _make(gr.Image, label="Target image", type="filepath", image_mode="RGBA",
+                                          elem_id="tt_target_image")
+        pass1: dict[str, Any] = {}
+        _make(gr.Markdown, "### Required parameters")
+        self._grid([s for s in REQUIRED if s in PASS1], "tt_", mode, pass1)
+        blocks_setting = next(s for s in PASS1 if s.name == "network_blocks")
+        pass1["network_blocks"] = self._widget(blocks_setting, "tt_", mode)
+        _make(gr.Markdown, "### Option parameters")
+        self._grid([s for s in OPTIONS if s in PASS1], "tt_", mode, pass1)
+        w["pass1"] = [pass1[s.name] for s in PASS1]
+        pass2: dict[str, Any] = {}
+        with _make(gr.Column, visible=mode == "Difference", elem_id="tt_second") as w["second_group"]:
+            with _make(gr.Accordion, "2nd pass (Difference)", open=False, elem_id="tt_second_acc"):
+                w["copy_first"] = _make(gr.Button, "Copy settings from 1st pass", elem_id="tt_copy_first", size="sm")
+                flag = next(s for s in PASS2 if s.name == "use_2nd_pass_settings")
+                pass2[flag.name] = self._widget(flag, "tt2_", mode)
+                self._grid([s for s in PASS2 if s is not flag], "tt2_", mode, pass2)
+        w["pass2"] = [pass2[s.name] for s in PASS2]
+        w["settings"] = ([w["mode"], w["model"], w["vae"]] + w["pass1"] + w["pass2"]
+                         + [w[k] for k in ("original_prompt", "target_prompt", "negative_prompt",
+                                           "original_image", "target_image")])
+        w["poll_state"] = gr.State({})
+
+    def _build_plot(self, w: dict) -> None:
+        files = self.log_files()
+        with gr.Row():
+            w["log_file"] = _make(gr.Dropdown, choices=files, value=files[0] if files else None,
+                                  label=f"Log file (CSV in {self.paths.log_dir})", elem_id="tt_log_file", scale=4)
+            w["log_refresh"] = _make(gr.Button, "🔄", elem_id="tt_log_refresh", size="sm", elem_classes=["tt-tool"])
+            w["log_draw"] = _make(gr.Button, "Draw", elem_id="tt_log_draw", variant="primary")
+        w["log_message"] = _make(gr.Textbox, label="File", interactive=False, elem_id="tt_log_message")
+        w["log_plot"] = _make(gr.Plot, label="Loss and learning rate", elem_id="tt_log_plot")
+
+    def _wire(self, blocks, w: dict) -> None:
+        settings = w["settings"]
+        queue_out = [w["message"], w["queue_table"], w["job_choice"]]
+        visibility = w["pass1"] + [w["second_group"], w["prompt_group"], w["image_group"]]
+        w["mode"].change(self.change_mode, inputs=[w["mode"]], outputs=visibility)
+        w["start"].click(self.start, inputs=settings, outputs=queue_out)
+        w["queue_add"].click(self.add_to_queue, inputs=settings, outputs=queue_out)
+        w["stop"].click(self.stop, inputs=None, outputs=[w["message"]])
+        w["queue_run"].click(self.run_queue, inputs=None, outputs=queue_out)
+        w["queue_clear"].click(self.clear_finished, inputs=None, outputs=queue_out)
+        w["job_delete"].click(self.delete_job, inputs=[w["job_choice"]], outputs=queue_out)
+        w["preset_refresh"].click(self.refresh_presets, inputs=[w["preset"]], outputs=[w["preset"]])
+        w["preset_load"].click(self.load_preset, inputs=[w["preset"]],
+                               outputs=[w["message"]] + settings + visibility[-3:])
+        w["preset_save"].click(self.save_preset, inputs=[w["preset_name"], w["preset_overwrite"]] + settings,
+                               outputs=[w["message"], w["preset"]])
+        w["copy_first"].click(self.copy_first_pass, inputs=settings, outputs=w["pass2"])
+        w["model_refresh"].click(self.refresh_models, inputs=[w["model"]], outputs=[w["model"]])
+        w["vae_refresh"].click(self.refresh_vaes, inputs=[w["vae"]], outputs=[w["vae"]])
+        w["log_refresh"].click(self.refresh_logs, inputs=None, outputs=[w["log_file"]])
+        w["log_draw"].click(self.draw_log, inputs=[w["log_file"]], outputs=[w["log_plot"], w["log_message"]])
+        w["log_file"].change(self.draw_log, inputs=[w["log_file"]], outputs=[w["log_plot"], w["log_message"]])
+        poll_out = [w["status"], w["live_plot"], w["queue_table"], w["job_choice"], w["poll_state"]]
+        if hasattr(gr, "Timer"):  # gradio >= 4.40 (Forge, standalone)
+            w["timer"] = gr.Timer(POLL_SECONDS)
+            w["timer"].tick(self.poll, inputs=[w["poll_state"]], outputs=poll_out, **_quiet())
+        else:  # gradio 3.41 (A1111): a load event that repeats; needs the queue, which the Web-UI enables
+            blocks.load(self.poll, inputs=[w["poll_state"]], outputs=poll_out, every=POLL_SECONDS)
+
+
+def _quiet() -> dict:
+    """Event options that keep a polling event from flashing the progress overlay."""
+    params = inspect.signature(gr.Timer.tick).parameters if hasattr(gr, "Timer") else {}
+    out = {}
+    if "show_progress" in params:
+        out["show_progress"] = "hidden" if GRADIO_VERSION >= (4, 0) else False
+    return out
+
+
+def _image_path(value: Any) -> str:
+    """gr.Image(type="filepath") gives a path (gradio 3/4/6); tolerate a dict with "path"/"name"."""
+    if not value:
+        return ""
+    if isinstance(value, dict):
+        value = value.get("path") or value.get("name") or ""
+    return str(value)
+
+
+def _write_history_csv(path: Path, name: str, history: list) -> None:
+    """The running pass's history in the engine's CSV layout, for plot_log."""
+    n_lr = max((len(h[3]) for h in history), default=0)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        wr = csv.writer(f)
+        wr.writerow(["save_lora_name", name])
+        wr.writerow(["Step", "Loss", "Loss (smoothed)"] + [f"Learning Rate {i + 1}" for i in range(n_lr)])
+        for step, loss, smooth, lrs in history:
+            wr.writerow([step, f"{loss:.6g}", f"{smooth:.6g}"] + [f"{x:.6g}" for x in lrs])
+    os.replace(tmp, path)
+
+
+def create_ui(host, **kw) -> TrainTrainUI:
+    """A TrainTrainUI over ``host`` with its Blocks built (``ui.blocks``)."""
+    ui = TrainTrainUI(host, **kw)
+    ui.build()
+    return ui
+
+
+def launch(host, *, port: int = 7860, listen: bool = False, lang: str = "en", block: bool = True) -> TrainTrainUI:
+    """Serve the tab standalone on 127.0.0.1 (all interfaces only with ``listen``)."""
+    ui = create_ui(host, lang=lang)
+    blocks = ui.blocks
+    blocks.queue()
+    kw: dict[str, Any] = dict(server_name="0.0.0.0" if listen else "127.0.0.1", server_port=port,
+                              prevent_thread_lock=not block, show_error=True)
+    params = inspect.signature(blocks.launch).parameters
+    if "css" in params and CSS_FILE.is_file() and GRADIO_VERSION >= (5, 0):
+        kw["css"] = CSS_FILE.read_text(encoding="utf-8")
+    allowed = [str(Path(host.paths().json_dir).resolve())]
+    if "allowed_paths" in params:
+        kw["allowed_paths"] = allowed
+    blocks.launch(**{k: v for k, v in kw.items() if k in params})
+    return ui
