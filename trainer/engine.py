@@ -320,7 +320,7 @@ class TrainingRun:
             c.unet, tes, algo=cfg.network_type, rank=cfg.network_rank, alpha=cfg.network_alpha,
             conv_rank=cfg.network_conv_rank or cfg.network_rank, conv_alpha=cfg.network_conv_alpha or cfg.network_alpha,
             blocks=cfg.network_blocks, element=cfg.network_element, unet_key_style=self.unet_key_style,
-            train_text_encoder=p.train_text_encoder, dtype=self.lora_dtype)
+            train_text_encoder=p.train_text_encoder, dtype=self.lora_dtype, te_layer_limits=self.te_layer_limits(tes))
         if cfg.network_resume:
             from .networks.files import load_network_file
             tensors, _ = load_network_file(cfg.network_resume)
@@ -408,6 +408,14 @@ class TrainingRun:
         raise TrainingError(f"The loss became {value} at step {step}, so training stopped{saved}. Lower "
                             f"train_learning_rate, use bf16 or fp32 train_model_precision, or a fp32 VAE "
                             f"(train_VAE_precision)")
+
+    def te_layer_limits(self, text_encoders) -> list | None:
+        """SD2 reads the penultimate layer of OpenCLIP-H: its last layer gets no adapter (kohya and
+        diffusers build that encoder with 23 layers, so no loader has a place for one)."""
+        if self.family.value != "sd2":
+            return None
+        from .models.prompts import _layer_index
+        return [_layer_index(self.family, te, 1) for te in text_encoders]
 
     @property
     def unet_key_style(self) -> str:

@@ -112,10 +112,12 @@ class Network(nn.Module):
         dtype: torch.dtype = torch.float32,
         ldm_map: Optional[Mapping[str, str]] = None,
         multiplier: float = 1.0,
+        te_layer_limits: Optional[Sequence[Optional[int]]] = None,
     ) -> "Network":
         """Build fresh adapters.  ``conv_rank``/``conv_alpha`` 0 inherit ``rank``/``alpha``
         (they apply to k×k convs only; 1×1 convs use the linear values).  Text-encoder
-        adapters exist only if ``train_text_encoder`` and BASE is among ``blocks``."""
+        adapters exist only if ``train_text_encoder`` and BASE is among ``blocks``;
+        ``te_layer_limits`` (per encoder) keeps them below a layer index (see ``te_targets``)."""
         algo = normalise_algo(algo)
         element = normalise_element(element)
         blocks = normalise_blocks(blocks)
@@ -132,7 +134,7 @@ class Network(nn.Module):
         )
         targets = unet_targets(unet, algo=algo, key_style=unet_key_style, ldm_map=ldm_map)
         if train_text_encoder and (blocks is None or "BASE" in blocks):
-            targets += te_targets(net._models[1])
+            targets += te_targets(net._models[1], te_layer_limits)
         targets = filter_targets(targets, blocks=blocks, element=element)
         module_cls = LoHaModule if algo == "loha" else LoRAModule
         for t in targets:

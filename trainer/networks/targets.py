@@ -218,11 +218,20 @@ def _te_path(path: str) -> str:
     return "text_model." + path[i:]
 
 
-def te_targets(text_encoders: Sequence[nn.Module]) -> list:
-    """Every text-encoder module that gets an adapter (attention q/k/v/out_proj, MLP fc1/fc2)."""
+_TE_LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.")
+
+
+def te_targets(text_encoders: Sequence[nn.Module], layer_limits: Optional[Sequence[Optional[int]]] = None) -> list:
+    """Every text-encoder module that gets an adapter (attention q/k/v/out_proj, MLP fc1/fc2).
+
+    ``layer_limits``: per encoder, only layers with an index below the limit (None: all). SD2 uses
+    it: the last of OpenCLIP-H's 24 layers never reaches the conditioning, and kohya and diffusers
+    build SD2's text encoder with 23 layers, so an adapter there would be a key no loader consumes."""
     targets = []
     prefixes = te_prefixes(len(text_encoders))
+    limits = list(layer_limits or [])
     for ti, (te, prefix) in enumerate(zip(text_encoders, prefixes)):
+        limit = limits[ti] if ti < len(limits) else None
         found = {}
         for pname, parent in te.named_modules():
             children = dict(parent.named_children())
@@ -232,6 +241,9 @@ def te_targets(text_encoders: Sequence[nn.Module]) -> list:
                         path = f"{pname}.{c}" if pname else c
                         found.setdefault(path, children[c])
         for path, mod in found.items():
+            m = _TE_LAYER_RE.search(path)
+            if limit is not None and m and int(m.group(1)) >= limit:
+                continue
             name = f"{prefix}_{_te_path(path).replace('.', '_')}"
             targets.append(Target(name, mod, path, "te", "BASE", False, ti))
     return targets
