@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .buckets import make_buckets, nearest_bucket, pick_sub_buckets, resize_and_crop
+from .buckets import make_buckets, nearest_bucket, pick_sub_buckets
 from .captions import caption_file_for, caption_for
-from .dataset import Sample, mask_from_alpha, pixels_from_image
+from .dataset import Sample, _crop, mask_from_alpha, pixels_from_image
 from .errors import DataError
 from .images import LoadedImage, find_images, load_image
 
@@ -211,7 +211,8 @@ def _to_size(image: LoadedImage, size: tuple[int, int]) -> LoadedImage:
     if image.size == size:
         return image
     alpha = image.alpha.resize(size, _RESAMPLING.LANCZOS) if image.alpha is not None else None
-    return LoadedImage(rgb=image.rgb.resize(size, _RESAMPLING.LANCZOS), alpha=alpha, path=image.path)
+    return LoadedImage(rgb=image.rgb.resize(size, _RESAMPLING.LANCZOS), alpha=alpha, path=image.path,
+                       original_size=size)
 
 
 def build_pair_samples(
@@ -255,21 +256,13 @@ def build_pair_samples(
         placements = [nearest_bucket(size, max_buckets)] + pick_sub_buckets(size, sub_buckets, sub_image_num)
         made = 0
         for bucket, error in placements:
-            o_rgb = resize_and_crop(orig.rgb, bucket, error, disable_upscale)
-            t_rgb = resize_and_crop(targ.rgb, bucket, error, disable_upscale)
-            if o_rgb is None or t_rgb is None:
+            crops_o = _crop(orig, bucket, error, disable_upscale, caption)
+            crops_t = _crop(targ, bucket, error, disable_upscale, caption)
+            if not crops_o or not crops_t:
                 continue
-            alpha = resize_and_crop(orig.alpha, bucket, error, False) if orig.alpha is not None else None
-            mask = mask_from_alpha(alpha) if alpha is not None else None
-            po, pt = pixels_from_image(o_rgb), pixels_from_image(t_rgb)
-            variants = [(po, pt, mask, False)]
-            if mirroring:
-                variants.append((torch.flip(po, dims=[2]), torch.flip(pt, dims=[2]),
-                                 torch.flip(mask, dims=[2]) if mask is not None else None, True))
-            for a, b, m, mirrored in variants:
-                samples.append(PairSample(
-                    Sample(pixels=a, mask=m, caption=caption, source=pair.original, bucket=bucket, mirrored=mirrored),
-                    Sample(pixels=b, mask=m, caption=caption, source=pair.target, bucket=bucket, mirrored=mirrored)))
+            for o, t in list(zip(crops_o, crops_t))[: 2 if mirroring else 1]:
+                # the loss mask is the original's alpha, for both (as the original)
+                samples.append(PairSample(o, replace(t, mask=o.mask)))
                 made += 1
         if made == 0:
             skipped += 1

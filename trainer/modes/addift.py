@@ -37,6 +37,7 @@ from ..data.dataset import BucketBatcher
 from ..data.errors import DataError
 from ..data.pairs import build_pair_samples, difference_mask, load_image_pair, pair_pixels
 from ..engine import Pass
+from .base import SizeCond
 from .conditioning import PromptEmbeddings, join_prompt
 from .difference import encode_pair, find_lora_file
 
@@ -177,6 +178,7 @@ class MultiADDifTMode(_ADDifTObjective):
                 self.masks.append(m if m is not None else torch.ones(1, *self.orig[len(self.masks)].shape[-2:]))
         self.captions = [s.caption for s in samples]
         self.buckets = [s.bucket for s in samples]
+        self.sizes = [SizeCond(*s.original.size_cond_hw()) for s in samples]  # SDXL: pixels, per sample
         self.prompts = PromptEmbeddings(run, self.captions, cfg.clip_skip)
         self.batcher = BucketBatcher(self.buckets, cfg.train_batch_size, seed=run.seed)
         run.summary.update(
@@ -192,7 +194,6 @@ class MultiADDifTMode(_ADDifTObjective):
         idx = next(self.batcher)
         x_o = torch.stack([self.orig[i] for i in idx]).to(run.device)
         x_g = torch.stack([self.targ[i] for i in idx]).to(run.device)
-        w, h = self.buckets[idx[0]]
-        cond = self.prompts.cond([self.captions[i] for i in idx], (h, w))
+        cond = self.prompts.cond([self.captions[i] for i in idx], [self.sizes[i] for i in idx])
         mask = torch.stack([self.masks[i] for i in idx]).to(run.device) if self.masks is not None else None
         return self.pair_loss(step, x_o, x_g, cond, cond, mask)

@@ -12,7 +12,7 @@ import torch
 
 from ..engine import place
 from ..models.prompts import encode_prompts
-from .base import UNetCond, pad_chunks
+from .base import UNetCond, pad_chunks, unet_cond
 
 
 class PromptEmbeddings:
@@ -42,30 +42,15 @@ class PromptEmbeddings:
     def hidden(self, texts: Sequence[str]) -> torch.Tensor:
         return pad_chunks([self._hidden[t] for t in texts], self._hidden[""]).to(self.run.device)
 
-    def cond(self, texts: Sequence[str], size_hw: tuple[int, int]) -> UNetCond:
-        """The U-Net conditioning of a batch of texts for images of `size_hw` pixels (height, width)."""
-        hidden = self.hidden(texts)
-        added = None
+    def cond(self, texts: Sequence[str], sizes) -> UNetCond:
+        """The U-Net conditioning of a batch of texts; ``sizes`` (SDXL only): an (h, w) pair in pixels,
+        a SizeCond, or one per text (trainer.modes.base.unet_cond)."""
+        pooled = None
         if self._pooled[texts[0]] is not None:  # SDXL
             pooled = torch.cat([self._pooled[t] for t in texts]).to(self.run.device)
-            h, w = size_hw
-            ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=self.run.device)
-            added = {"text_embeds": pooled, "time_ids": ids.repeat(len(texts), 1)}
-        return UNetCond(hidden, added)
+        return unet_cond(self.hidden(texts), pooled, sizes)
 
 
 def join_prompt(*parts: str) -> str:
     """Non-empty parts joined with ", " (the trigger word goes first)."""
     return ", ".join(p.strip() for p in parts if p and p.strip())
-
-
-def cat_cond(conds: Sequence[UNetCond]) -> UNetCond:
-    """Several conditionings as one batch (to run several frozen predictions in one U-Net call)."""
-    longest = max(c.hidden.shape[1] for c in conds)
-    if any(c.hidden.shape[1] != longest for c in conds):
-        raise ValueError("cat_cond: pad the conditionings to the same number of chunks first")
-    hidden = torch.cat([c.hidden for c in conds])
-    added = None
-    if conds[0].added:
-        added = {k: torch.cat([c.added[k] for c in conds]) for k in conds[0].added}
-    return UNetCond(hidden, added)
