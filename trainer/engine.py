@@ -314,7 +314,7 @@ class TrainingRun:
             place(te, self.device, self.dtype)
             if cfg.use_gradient_checkpointing and hasattr(te, "gradient_checkpointing_enable"):
                 te.train()
-                te.gradient_checkpointing_enable()
+                _checkpoint_text_encoder(te)
                 te.requires_grad_(False)  # HF may flip requires_grad on; only the adapters train
         net = Network.create(
             c.unet, tes, algo=cfg.network_type, rank=cfg.network_rank, alpha=cfg.network_alpha,
@@ -478,6 +478,16 @@ class TrainingRun:
         self.files.append(path)
         self.log(f"Saved {path}")
         return path
+
+
+def _checkpoint_text_encoder(te) -> None:
+    try:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except TypeError:
+        # transformers < 4.35 (the Web-UI's 4.30) only has reentrant checkpointing, which passes no
+        # gradient to the adapters inside a segment unless the segment's input requires grad.
+        te.gradient_checkpointing_enable()
+        te.enable_input_require_grads()
 
 
 def _current_lrs(optimizer) -> Iterator[float]:
