@@ -1,0 +1,89 @@
+"""iLECO mechanics on the random tiny model: the CLI run, the saved file, the objectives' formulas."""
+import pytest
+import torch
+
+from trainer.modes.ileco import ILECOMode
+from trainer.networks.files import load_network_file
+
+from _modes_helpers import PRESETS, SMALL_ARGS, cli, config, train
+
+
+def test_ileco_from_the_cli_saves_unet_only_with_the_prompts_in_the_metadata(tmp_path):
+    r = cli("train", "--preset", PRESETS / "iLECO.json", "--original-prompt", "red", "--target-prompt", "blue",
+            "--name", "redblue", *SMALL_ARGS, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "output" / "redblue.safetensors"
+    assert [line for line in r.stdout.splitlines() if line.endswith(".safetensors")] == [str(path.relative_to(tmp_path))]
+    tensors, meta = load_network_file(path)
+    assert tensors and not any(k.startswith("lora_te") for k in tensors)  # bug #15: no dead TE tensors
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    assert meta["ss_training_comment"] == "TrainTrain mode: iLECO; original prompt: red; target prompt: blue"
+    assert meta["ss_num_train_images"] == "0"
+    assert "0 text-encoder modules" in r.stderr
+
+
+def test_empty_original_prompt_is_refused_before_the_model_loads(tmp_path):
+    r = cli("train", "--preset", PRESETS / "iLECO.json", "--target-prompt", "blue", *SMALL_ARGS, cwd=tmp_path)
+    assert r.returncode == 2 and "original_prompt is empty" in r.stderr and "Traceback" not in r.stderr
+    assert "Start training" not in r.stderr and not (tmp_path / "output").exists()
+
+
+class Probe(ILECOMode):
+    """Compares, at step 1, the mode's target with predictions computed by hand, and records the
+    noise of every step."""
+
+    def __init__(self, expected):
+        self.expected = expected
+        self.noises = []
+        self.checked = None
+
+    def loss(self, step):
+        run = self.run
+        if step == 1:
+            b = self.shape[0]
+            z = torch.randn(self.shape, generator=torch.Generator().manual_seed(5))
+            t = torch.tensor([100, 700][:b])
+            with torch.no_grad(), run.network.multiplier(0):
+                def eps(prompt):
+                    return run.predict(z, t, self.prompts.cond([prompt] * b, self.size))
+                want = self.expected(eps)
+            self.checked = (self.target(z, t), want)
+        real = run.randn
+        run.randn = lambda shape: self.noises.append(real(shape)) or self.noises[-1]
+        try:
+            return super().loss(step)
+        finally:
+            run.randn = real
+
+
+@pytest.mark.parametrize("objective,target,negative,g,expected", [
+    ("iLECO", "blue", "", 1.0, lambda e: e("blue")),
+    ("iLECO", "", "", 1.0, lambda e: e("")),  # erase: the original maps to the empty prompt
+    # erase, empty target: ESD, neutral = unconditional = the negative prompt
+    ("erase", "", "blurry", 2.0, lambda e: e("blurry") - 2.0 * (e("red") - e("blurry"))),
+    ("erase", "blue", "", 1.5, lambda e: e("blue") - 1.5 * (e("red") - e(""))),
+    # enhance, empty target: the neutral is the original itself (amplify it)
+    ("enhance", "", "", 3.0, lambda e: e("red") + 3.0 * (e("red") - e(""))),
+    ("enhance", "blue", "", 0.0, lambda e: e("blue")),  # g = 0 is the iLECO objective
+])
+def test_objective_targets_are_the_documented_formulas(tmp_path, objective, target, negative, g, expected):
+    cfg = config("iLECO.json", original_prompt="red", target_prompt=target, negative_prompt=negative,
+                 leco_objective=objective, leco_guidance_scale=g, train_batch_size=2, train_iterations=2)
+    mode = Probe(expected)
+    _, result, _ = train(cfg, tmp_path, mode)
+    assert result.ok, result.message
+    got, want = mode.checked
+    assert got.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # a fresh latent at every step (the original reused one fixed latent)
+    assert len(mode.noises) == 2 and not torch.equal(mode.noises[0], mode.noises[1])
+
+
+def test_leco_objective_is_named_in_the_metadata(tmp_path):
+    cfg = config("iLECO.json", original_prompt="red", negative_prompt="ugly", leco_objective="erase",
+                 leco_guidance_scale=2, train_iterations=1, save_lora_name="er")
+    _, result, _ = train(cfg, tmp_path, ILECOMode())
+    assert result.ok, result.message
+    _, meta = load_network_file(result.files[0])
+    assert meta["ss_training_comment"] == ("TrainTrain mode: iLECO; original prompt: red; negative prompt: ugly; "
+                                           "objective: erase (guidance 2)")
