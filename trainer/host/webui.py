@@ -175,7 +175,7 @@ class WebUIHost:
         import torch
 
         from ..models.convert import ldm_to_diffusers
-        from ..models.families import detect
+        from ..models.families import ModelInfo, detect
         from ..models.loading import components_from_state_dicts, load_components, load_vae_file
         from ..models.configs import configs_for
 
@@ -205,8 +205,12 @@ class WebUIHost:
             sd = {k: v.detach().to("cpu") for k, v in sd.items()}
             if v_pred is None:
                 v_pred = getattr(model, "parameterization", "eps") == "v"
-            info = detect(sd, v_pred, where=wanted.filename)
-            configs = _file_configs(wanted.filename) or configs_for(info.family)
+            configs = _file_configs(wanted.filename)
+            if configs is not None:  # non-standard sizes (the tiny model): the file says what it is
+                info = ModelInfo(configs.family, bool(v_pred))
+            else:
+                info = detect(sd, v_pred, where=wanted.filename)
+                configs = configs_for(info.family)
             converted = ldm_to_diffusers(sd, info, configs, where=wanted.filename)
             del sd
             name = Path(wanted.filename).stem

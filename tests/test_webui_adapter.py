@@ -1,0 +1,307 @@
+"""trainer/host/webui.py, scripts/traintrain.py and install.py against a faithful fake of the Web-UI's
+`modules.*` (tests/fake_webui): the loaded weights are reused, the Web-UI's model is freed and restored
+(also after an error or a stop), progress and Interrupt go through shared.state, LoRAs land in
+cmd_opts.lora_dir, the tab registers, and install.py installs only what is missing."""
+import importlib
+import importlib.util
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = Path(__file__).resolve().parent / "fake_webui"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from trainer.models.loading import save_ldm_checkpoint
+    from trainer.models.tiny import tiny_components
+
+    folder = tmp_path_factory.mktemp("webui") / "models" / "Stable-diffusion"
+    return save_ldm_checkpoint(tiny_components(), folder / "tiny-sd1.safetensors")
+
+
+@pytest.fixture()
+def webui(tiny_ckpt, tmp_path, monkeypatch):
+    """The fake Web-UI with the tiny checkpoint loaded, as after its start-up."""
+    monkeypatch.syspath_prepend(str(FAKE))
+    for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.") or m == "launch"]:
+        monkeypatch.delitem(sys.modules, name)
+    from modules import sd_models, sd_vae, shared
+
+    shared.cmd_opts.lora_dir = str(tmp_path / "models" / "Lora")
+    sd_models.checkpoint_dir = str(tiny_ckpt.parent)
+    sd_vae.vae_path = str(tmp_path / "models" / "VAE")
+    sd_models.list_models()
+    sd_vae.refresh_vae_list()
+    sd_models.load_model()
+    sd_models.events.clear()
+    yield sys.modules["modules"]
+
+
+def _host(tmp_path):
+    from trainer.host.webui import WebUIHost
+
+    return WebUIHost(tmp_path / "ext")
+
+
+class _Control:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, m):
+        self.lines.append(m)
+
+
+def test_lists_and_paths_come_from_the_webui(webui, tmp_path, tiny_ckpt):
+    from trainer.host.webui import LOADED_LABEL
+
+    host = _host(tmp_path)
+    assert host.paths().lora_dir == tmp_path / "models" / "Lora"
+    assert host.paths().log_dir == (tmp_path / "ext" / "logs").resolve()
+    assert host.model_choices() == [LOADED_LABEL, "tiny-sd1.safetensors"]
+    assert host.vae_choices() == ["None"]
+    assert host.model_value(LOADED_LABEL) == "" and host.model_value("tiny-sd1.safetensors") == "tiny-sd1.safetensors"
+    vae_dir = tmp_path / "models" / "VAE"
+    vae_dir.mkdir(parents=True)
+    (vae_dir / "my.vae.safetensors").write_bytes(b"")
+    host.refresh()
+    assert host.vae_choices() == ["None", "my.vae.safetensors"]
+
+
+def test_session_reuses_the_loaded_weights_frees_and_restores(webui, tmp_path, tiny_ckpt):
+    from modules import call_queue, sd_models, shared
+
+    from trainer.config import Config
+    from trainer.models.tiny import tiny_components
+
+    host = _host(tmp_path)
+    reference = tiny_components()
+    loaded = shared.sd_model
+    with host.session(Config.defaults(), _Control()) as comps:
+        assert call_queue.queue_lock.locked()  # no generation while training
+        assert loaded.placement == "cpu"  # the Web-UI's copy is off the device
+        assert shared.state.job == "TrainTrain"
+        for k, v in reference.unet.state_dict().items():
+            assert torch.equal(comps.unet.state_dict()[k], v), k
+        te_ref = reference.text_encoders[0].state_dict()
+        te = comps.text_encoders[0].state_dict()
+        assert all(torch.equal(te[k], v) for k, v in te_ref.items())
+        assert comps.info.family.value == "sd1" and not comps.info.v_pred
+    assert loaded.placement == "device" and shared.sd_model is loaded
+    assert not call_queue.queue_lock.locked()
+    assert ("load", "tiny-sd1.safetensors") not in sd_models.events  # the file was not read again
+    assert [e[0] for e in sd_models.events] == ["to_cpu", "to_device"]
+    assert shared.state.history[-2:] == [("begin", "TrainTrain"), ("end", "TrainTrain")]
+
+
+def test_the_model_is_restored_after_an_error(webui, tmp_path):
+    from modules import call_queue, shared
+
+    from trainer.config import Config
+
+    host = _host(tmp_path)
+    loaded = shared.sd_model
+    with pytest.raises(RuntimeError, match="boom"):
+        with host.session(Config.defaults(), _Control()):
+            raise RuntimeError("boom")
+    assert loaded.placement == "device" and not call_queue.queue_lock.locked()
+    assert shared.state.history[-1] == ("end", "TrainTrain")
+
+
+def test_the_model_is_restored_when_loading_fails(webui, tmp_path, monkeypatch):
+    from modules import shared
+
+    from trainer.config import Config
+    from trainer.host import webui as adapter
+
+    def broken(*a, **k):
+        raise ValueError("cannot convert")
+
+    monkeypatch.setattr("trainer.models.convert.ldm_to_diffusers", broken)
+    host = adapter.WebUIHost(tmp_path / "ext")
+    with pytest.raises(ValueError, match="cannot convert"):
+        with host.session(Config.defaults(), _Control()):
+            pass
+    assert shared.sd_model.placement == "device"
+
+
+def test_a_lora_merged_by_the_webui_makes_it_read_the_file(webui, tmp_path, monkeypatch):
+    from modules import shared
+
+    from trainer.config import Config
+
+    # A1111's Lora extension merged a prompt's LoRA into this layer and keeps a backup
+    layer = dict(shared.sd_model.named_modules())["model.diffusion_model.input_blocks.1.1.proj_in"]
+    layer.network_current_names = (("some_lora", 1.0, 1.0, None),)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    control = _Control()
+    with _host(tmp_path).session(Config.defaults(), control) as comps:
+        from trainer.models.tiny import tiny_components
+
+        ref = tiny_components().unet.state_dict()
+        assert torch.equal(comps.unet.state_dict()["down_blocks.0.attentions.0.proj_in.weight"],
+                           ref["down_blocks.0.attentions.0.proj_in.weight"])
+    assert any("checkpoint file" in line for line in control.lines)
+
+
+def test_another_checkpoint_is_read_from_its_file(webui, tmp_path, tiny_ckpt):
+    import shutil
+
+    from modules import sd_models, shared
+
+    from trainer.config import Config
+
+    other = tiny_ckpt.parent / "other.safetensors"
+    shutil.copyfile(tiny_ckpt, other)
+    sd_models.list_models()
+    host = _host(tmp_path)
+    with host.session(Config.defaults().replace(model="other.safetensors"), _Control()) as comps:
+        assert comps.name == "tiny-sd1"  # the name stored in the file's metadata
+        assert shared.sd_model.placement == "cpu"
+    assert shared.sd_model.placement == "device"
+    with pytest.raises(ValueError, match="nope"):
+        with host.session(Config.defaults().replace(model="nope.safetensors"), _Control()):
+            pass
+    assert shared.sd_model.placement == "device"
+
+
+def _images(tmp_path):
+    from trainer.demo import draw_demo_images
+
+    return draw_demo_images(tmp_path / "imgs", count=2)
+
+
+def _small_cfg(data, name, iterations):
+    from trainer.config import Config
+
+    return Config.load_preset(ROOT / "presets" / "LoRA.json").with_overrides({
+        "lora_data_directory": str(data), "image_size": "64", "image_min_length": 64, "image_buckets_step": 64,
+        "train_iterations": iterations, "train_model_precision": "fp32", "network_rank": 4,
+        "save_lora_name": name, "train_batch_size": 1, "latent_cache_on_disk": False})
+
+
+def test_a_job_trains_into_the_lora_folder_with_webui_progress(webui, tmp_path):
+    from modules import shared
+
+    from trainer.jobs import DONE, JobQueue, host_runner
+
+    host = _host(tmp_path)
+    seen = []
+    host_on_progress = host.on_progress
+
+    def spy(p):
+        host_on_progress(p)
+        seen.append((shared.state.sampling_step, shared.state.sampling_steps, shared.state.textinfo))
+
+    host.on_progress = spy
+    q = JobQueue(tmp_path / "ext" / "jsons", host_runner(host))
+    q.add(_small_cfg(_images(tmp_path), "webui_job", 3))
+    q.start()
+    assert q.wait(300)
+    job = q.jobs()[0]
+    assert job.status == DONE, job.message
+    assert Path(job.files[-1]) == tmp_path / "models" / "Lora" / "webui_job.safetensors"
+    assert Path(job.files[-1]).is_file()
+    steps = [s for s in seen if s[2] and "step" in s[2]]
+    assert [s[0] for s in steps] == [1, 2, 3] and all(s[1] == 3 for s in steps)
+    assert "TrainTrain: step 3/3 loss" in steps[-1][2]
+    assert shared.sd_model.placement == "device"
+
+
+def test_the_webui_interrupt_stops_training_and_saves(webui, tmp_path):
+    from modules import shared
+
+    from trainer.jobs import STOPPED, JobQueue, host_runner
+
+    host = _host(tmp_path)
+    q = JobQueue(tmp_path / "ext" / "jsons", host_runner(host))
+    q.add(_small_cfg(_images(tmp_path), "interrupted", 400))
+
+    def press_interrupt():  # the user presses the Web-UI's Interrupt once training has begun
+        deadline = time.time() + 300
+        while time.time() < deadline and shared.state.sampling_step < 1:
+            time.sleep(0.05)
+        shared.state.interrupt()
+
+    t = threading.Thread(target=press_interrupt)
+    t.start()
+    q.start()
+    assert q.wait(300)
+    t.join()
+    job = q.jobs()[0]
+    assert job.status == STOPPED, job.message
+    assert 1 <= job.steps < 400 and "Stopped at step" in job.message
+    saved = Path(job.files[-1])
+    assert saved.parent == tmp_path / "models" / "Lora" and saved.name == f"interrupted_{job.steps}steps.safetensors"
+    assert shared.sd_model.placement == "device"
+
+
+def test_the_extension_registers_its_tab(webui, tmp_path, monkeypatch):
+    from modules import script_callbacks
+
+    script_callbacks.callback_map["callbacks_ui_tabs"].clear()
+    spec = importlib.util.spec_from_file_location("traintrain.py", ROOT / "scripts" / "traintrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "EXT_ROOT", str(ROOT))
+    tabs = script_callbacks.ui_tabs_callback()
+    assert len(tabs) == 1
+    blocks, title, elem_id = tabs[0]
+    import gradio as gr
+
+    assert isinstance(blocks, gr.Blocks) and title == "TrainTrain" and elem_id == "traintrain"
+
+
+# --- install.py ----------------------------------------------------------------------------------
+
+def _run_install(installed, monkeypatch, transformers_version=None):
+    monkeypatch.syspath_prepend(str(FAKE))
+    monkeypatch.delitem(sys.modules, "launch", raising=False)
+    import launch
+
+    launch.installed = set(installed)
+    launch.pip_calls = []
+    if transformers_version:
+        real = importlib.metadata.version
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda n: transformers_version if n == "transformers" else real(n))
+    spec = importlib.util.spec_from_file_location("traintrain_install", ROOT / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not __main__: nothing runs on import
+    assert launch.pip_calls == []
+    module.main()
+    return module, launch.pip_calls
+
+
+def test_install_adds_only_what_is_missing_and_never_the_webuis_packages(monkeypatch):
+    module, calls = _run_install({"diffusers", "matplotlib", "ftfy", "prodigyopt"}, monkeypatch)
+    wanted = {name for name, _ in module.requirements()}
+    asked = " ".join(calls)
+    for owned in ("torch", "gradio", "transformers", "numpy", "Pillow", "safetensors"):
+        assert f'"{owned}' not in asked
+    for present in ("diffusers", "matplotlib", "ftfy", "prodigyopt"):
+        assert f'"{present}' not in asked
+    assert any('"schedulefree' in c for c in calls) and "gradio" in wanted
+    # every call pins what is installed, so nothing the Web-UI has can move
+    assert all(c.startswith('install -c "') for c in calls)
+
+
+def test_install_caps_diffusers_beside_the_webuis_old_transformers(monkeypatch):
+    _, calls = _run_install(set(), monkeypatch, transformers_version="4.30.2")
+    diffusers = [c for c in calls if '"diffusers' in c]
+    assert len(diffusers) == 1 and "<0.40" in diffusers[0]
+    _, calls = _run_install(set(), monkeypatch, transformers_version="4.46.1")
+    assert "<0.40" not in next(c for c in calls if '"diffusers' in c)
+
+
+def test_install_pins_every_installed_distribution(monkeypatch):
+    module, _ = _run_install({"x"}, monkeypatch)
+    pins = module.installed_pins()
+    assert any(p.lower().startswith("torch==") for p in pins)
+    assert all("==" in p for p in pins)
