@@ -277,7 +277,7 @@ class JobQueue:
     def delete(self, job_id: int | str) -> Job:
         """Remove a job (queued or finished) by id; the running job must be stopped first."""
         try:
-            job_id = int(str(job_id).strip().lstrip("#").split()[0])
+            job_id = int(str(job_id).strip().lstrip("#").split()[0].rstrip(":"))
         except (ValueError, IndexError):
             raise QueueError(f"delete: {str(job_id)!r} is not a job id") from None
         with self._lock:
