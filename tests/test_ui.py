@@ -1,0 +1,312 @@
+"""trainer/ui.py without a browser: the Blocks build, and each handler called with real values
+(mode visibility, presets, validation, start -> a real job on the tiny model with live status and
+plot, queue add / duplicate / delete, the Plot tab)."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from trainer.config import BLOCK_IDS, MODES, SETTINGS, Config  # noqa: E402
+from trainer.jobs import DONE, QUEUED, JobQueue, StandaloneHost  # noqa: E402
+from trainer.ui import PASS1, PASS2, TrainTrainUI, _ui_value  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def upd(d):
+    """An update dict without gradio's type marker."""
+    return {k: v for k, v in d.items() if k != "__type__"}
+
+
+@pytest.fixture()
+def ui(tmp_path):
+    host = StandaloneHost(tmp_path)
+    u = TrainTrainUI(host)
+    u.build()
+    yield u
+    u.queue.stop()
+    u.queue.wait(60)
+
+
+def values_for(ui, cfg: Config, model=None, **meta):
+    """The widget values (input_names order) that show ``cfg``."""
+    second = cfg.second_pass or cfg
+    out = []
+    for n in ui.input_names:
+        if n == "mode":
+            out.append(cfg.mode)
+        elif n == "model":
+            out.append(model or ui.host.default_model())
+        elif n == "vae":
+            out.append("None")
+        elif n.startswith("1:"):
+            s = next(s for s in PASS1 if s.name == n[2:])
+            out.append(_ui_value(s, getattr(cfg, s.name)))
+        elif n.startswith("2:"):
+            s = next(s for s in PASS2 if s.name == n[2:])
+            out.append(_ui_value(s, getattr(second, s.name)))
+        else:
+            out.append(meta.get(n, getattr(cfg, n) or None))
+    return out
+
+
+def set_value(ui, values, name, value):
+    values = list(values)
+    values[ui.input_names.index(name)] = value
+    return values
+
+
+def small(data, name, iterations=4, **kw):
+    return Config.load_preset(ROOT / "presets" / "LoRA.json").with_overrides({
+        "lora_data_directory": str(data), "image_size": "64", "image_min_length": 64, "image_buckets_step": 64,
+        "train_iterations": iterations, "train_model_precision": "fp32", "network_rank": 4, "save_lora_name": name,
+        "train_batch_size": 1, "logging_save_csv": True, "latent_cache_on_disk": False, **kw})
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from trainer.demo import draw_demo_images
+
+    return draw_demo_images(tmp_path_factory.mktemp("imgs"), count=2)
+
+
+def test_every_setting_has_a_widget_generated_from_the_table(ui):
+    names = {s.name for s in PASS1} | {s.name for s in PASS2}
+    assert names == {s.name for s in SETTINGS}
+    w = ui.widgets
+    assert len(w["settings"]) == len(ui.input_names)
+    by_id = {getattr(c, "elem_id", None): c for c in ui.blocks.blocks.values()}
+    for s in PASS1:
+        c = by_id[f"tt_{s.name}"]
+        assert c.label == s.label
+        kind = {"dropdown": gr.Dropdown, "text": gr.Textbox, "checkbox": gr.Checkbox,
+                "checkgroup": gr.CheckboxGroup, "radio": gr.Radio}[s.widget]
+        assert isinstance(c, kind), s.name
+    assert isinstance(by_id["tt_network_blocks"], gr.CheckboxGroup)
+    assert by_id["tt2_network_rank"] is not None and by_id["tt2_use_2nd_pass_settings"] is not None
+    for elem in ("tt_start", "tt_stop", "tt_queue_add", "tt_preset", "tt_model", "tt_vae", "tt_status",
+                 "tt_live_plot", "tt_queue_table", "tt_log_plot", "tt_original_image", "tt_original_prompt"):
+        assert elem in by_id, elem
+
+
+def test_defaults_make_the_default_config(ui):
+    cfg, files = ui.config_from_values(values_for(ui, Config.defaults("LoRA")))
+    assert cfg == Config.defaults("LoRA") and files == {}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_change_shows_only_that_modes_settings(ui, mode):
+    out = ui.change_mode(mode)
+    assert [upd(u)["visible"] for u in out[:len(PASS1)]] == [s.visible_in(mode) for s in PASS1]
+    second, prompts, images = (upd(u)["visible"] for u in out[len(PASS1):])
+    assert second == (mode == "Difference")
+    assert prompts == (mode in ("iLECO", "Difference", "ADDifT"))
+    assert images == (mode in ("Difference", "ADDifT"))
+    visible = {s.name for s, u in zip(PASS1, out) if upd(u)["visible"]}
+    if mode == "Multi-ADDifT":
+        assert "diff_target_name" in visible
+    else:
+        assert "diff_target_name" not in visible
+    assert ("diff_save_1st_pass" in visible) == (mode == "Difference")
+
+
+def test_load_a_shipped_preset_fills_every_widget(ui):
+    out = ui.load_preset("Difference_Use2ndPass")
+    assert out[0] == "Loaded preset Difference_Use2ndPass (Difference)"
+    vals = dict(zip(ui.input_names, out[1:1 + len(ui.input_names)]))
+    assert upd(vals["mode"])["value"] == "Difference"
+    assert upd(vals["1:network_rank"])["value"] == "16" and upd(vals["1:train_learning_rate"])["value"] == "0.0005"
+    assert upd(vals["2:use_2nd_pass_settings"])["value"] is True  # bug #18: the flag is honoured
+    assert upd(vals["2:network_rank"])["value"] == "4" and upd(vals["2:train_learning_rate"])["value"] == "0.0001"
+    assert upd(vals["1:network_blocks"])["value"] == list(BLOCK_IDS)
+    assert upd(vals["1:diff_save_1st_pass"])["visible"] is True and upd(vals["1:diff_target_name"])["visible"] is False
+    assert [upd(u)["visible"] for u in out[-3:]] == [True, True, True]
+    # the values shown make the preset's Config again
+    shown = [upd(vals[n]).get("value") for n in ui.input_names]
+    shown[ui.input_names.index("model")] = ui.host.default_model()
+    for i, n in enumerate(ui.input_names):
+        if n in ("original_image", "target_image"):
+            shown[i] = None
+    cfg, _ = ui.config_from_values(shown)
+    assert cfg == Config.load_preset(ROOT / "presets" / "Difference_Use2ndPass.json")
+
+
+def test_load_preset_errors_are_messages(ui):
+    assert ui.load_preset(None)[0] == "Choose a preset to load"
+    assert "not found" in ui.load_preset("nope")[0]
+    (ui.user_preset_dir).mkdir(parents=True, exist_ok=True)
+    (ui.user_preset_dir / "broken.json").write_text('{"train_batch_size": "abc"}', encoding="utf-8")
+    out = ui.load_preset("broken")
+    assert out[0].startswith("Error: ") and 'train_batch_size: "abc"' in out[0]
+    assert all(upd(u) == {} for u in out[1:])
+
+
+def test_save_preset_round_trips_and_never_overwrites_silently(ui, tmp_path):
+    cfg = Config.defaults("iLECO").replace(save_lora_name="mine", network_rank=4, train_learning_rate=3e-4)
+    values = values_for(ui, cfg, original_prompt="red", target_prompt="blue")
+    msg, dropdown = ui.save_preset("", False, *values)
+    path = tmp_path / "presets" / "mine.json"
+    assert msg == f"Preset saved: {path}" and upd(dropdown)["value"] == "mine" and "mine" in upd(dropdown)["choices"]
+    assert Config.load_preset(path) == cfg.replace(original_prompt="red", target_prompt="blue")
+    assert "mine" in ui.preset_names() and "LoRA" in ui.preset_names()
+    msg, _ = ui.save_preset("mine", False, *values)
+    assert "exists" in msg and "overwrite" in msg
+    values = set_value(ui, values, "1:network_rank", "8")
+    assert ui.save_preset("mine", True, *values)[0].startswith("Preset saved")
+    assert json.loads(path.read_text(encoding="utf-8"))["network_rank"] == "8"
+    assert "cannot have" in ui.save_preset("a/b", False, *values)[0]
+    loaded = ui.load_preset("mine")
+    assert loaded[0] == "Loaded preset mine (iLECO)"
+    bad = set_value(ui, values, "1:train_iterations", "-5")
+    assert ui.save_preset("x", False, *bad)[0].startswith("Error: train_iterations")
+
+
+def test_copy_first_pass_into_the_second_pass_panel(ui):
+    values = values_for(ui, Config.defaults("Difference").replace(network_rank=32, train_iterations=77))
+    out = dict(zip([s.name for s in PASS2], ui.copy_first_pass(*values)))
+    assert upd(out["network_rank"])["value"] == "32" and upd(out["train_iterations"])["value"] == "77"
+    assert upd(out["use_2nd_pass_settings"])["value"] is True
+
+
+def test_second_pass_values_are_used_only_when_ticked(ui):
+    cfg = Config.defaults("Difference")
+    values = set_value(ui, values_for(ui, cfg), "2:network_rank", "4")
+    got, _ = ui.config_from_values(values)
+    assert got.second_pass is None
+    got, _ = ui.config_from_values(set_value(ui, values, "2:use_2nd_pass_settings", True))
+    assert got.second_pass.network_rank == 4 and got.network_rank == 16
+
+
+def test_bad_values_are_named_in_the_message_and_queue_nothing(ui, images):
+    values = set_value(ui, values_for(ui, small(images, "x")), "1:train_batch_size", "abc")
+    msg, table, choices = ui.start(*values)
+    assert msg.startswith("Error: train_batch_size: \"abc\"") and "Traceback" not in msg
+    assert ui.queue.jobs() == []
+    values = set_value(ui, values_for(ui, small(images, "x")), "1:lora_data_directory", "/no/such/folder")
+    assert "lora_data_directory" in ui.start(*values)[0] and "/no/such/folder" in ui.add_to_queue(*values)[0]
+    values = values_for(ui, Config.defaults("ADDifT").replace(save_lora_name="p"))
+    assert "original image: no image" in ui.add_to_queue(*values)[0]
+    values = values_for(ui, Config.defaults("iLECO").replace(save_lora_name="p"))
+    assert "original_prompt" in ui.add_to_queue(*values)[0]
+    assert ui.queue.jobs() == []
+
+
+def test_an_existing_output_is_refused_before_queueing(ui, images, tmp_path):
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "taken.safetensors").write_bytes(b"x")
+    msg = ui.add_to_queue(*values_for(ui, small(images, "taken")))[0]
+    assert "taken.safetensors already exists" in msg and "save_overwrite" in msg
+    assert ui.add_to_queue(*values_for(ui, small(images, "taken", save_overwrite=True)))[0].startswith("Added")
+
+
+def test_queue_add_duplicate_delete_and_persistence(ui, images, tmp_path):
+    msg, table, choices = ui.add_to_queue(*values_for(ui, small(images, "q1")))
+    assert msg == "Added q1 to the queue (job 1); press Run Queue or Start Training"
+    assert upd(table)["value"] == [["1", "q1", "LoRA", QUEUED, ""]]
+    assert upd(choices)["choices"] == ["1: q1 (queued)"]
+    assert "already queued" in ui.add_to_queue(*values_for(ui, small(images, "q1")))[0]
+    ui.add_to_queue(*values_for(ui, small(images, "q2")))
+    ui.add_to_queue(*values_for(ui, small(images, "q3")))
+    msg, table, _ = ui.delete_job("1: q1 (queued)")
+    assert msg == "Deleted job 1 (q1, queued)"
+    assert [r[1] for r in upd(table)["value"]] == ["q2", "q3"]
+    assert ui.delete_job(None)[0] == "Choose a job to delete"
+    # a new app on the same folder shows the same queue
+    again = TrainTrainUI(StandaloneHost(tmp_path))
+    assert [r[1] for r in upd(again.queue_view()[0])["value"]] == ["q2", "q3"]
+    assert again.queue.jobs()[0].config().lora_data_directory == str(images)
+
+
+def test_start_runs_a_job_with_live_status_and_plot_and_saves(ui, images, tmp_path):
+    msg, table, _ = ui.start(*values_for(ui, small(images, "ui_run", iterations=8)))
+    assert msg == "Started ui_run (job 1, LoRA)"
+    statuses, figures, state = [], [], {}
+    deadline = time.time() + 600
+    while ui.queue.busy and time.time() < deadline:
+        status, plot, table, choices, state = ui.poll(state)
+        statuses.append(status)
+        if upd(plot).get("value") is not None:
+            figures.append(upd(plot)["value"])
+        time.sleep(0.05)
+    assert not ui.queue.busy
+    training = [s for s in statuses if s.startswith("Training ui_run (job 1) · step ")]
+    assert training, statuses[-5:]
+    assert any(" · step 8/8 · " in s for s in training) or any("step 7/8" in s for s in training)
+    sample = training[-1]
+    for part in ("loss ", "(avg ", "lr ", " s/it", "ETA "):
+        assert part in sample
+    assert figures, "the live plot never updated"
+    assert len({len(f.axes[0].lines[0].get_xdata()) for f in figures}) >= 2  # it grew while training
+    status, plot, table, choices, state = ui.poll(state)
+    assert status.startswith("Idle · last: ui_run (job 1) done: Saved ")
+    assert (tmp_path / "output" / "ui_run.safetensors").is_file()
+    assert upd(table)["value"][0][3] == DONE
+    # the Plot tab lists and draws the run's CSV (only from logs/)
+    files = ui.log_files()
+    assert len(files) == 1 and files[0].startswith("ui_run-") and files[0].endswith(".csv")
+    fig, where = ui.draw_log(files[0])
+    assert fig is not None and where.endswith(files[0]) and len(fig.axes[0].lines[0].get_xdata()) == 8
+    assert upd(ui.refresh_logs())["value"] == files[0]
+    assert ui.draw_log("../queue.json")[0] is None
+    assert ui.draw_log("../../etc/passwd")[1].startswith("Error")
+
+
+def test_poll_reports_no_change_when_nothing_changed(ui, images):
+    _, _, _, _, state = ui.poll({})
+    status, plot, table, choices, state2 = ui.poll(state)
+    assert upd(table) == {} and upd(choices) == {} and upd(plot) == {}
+    ui.add_to_queue(*values_for(ui, small(images, "changed")))
+    status, plot, table, choices, state3 = ui.poll(state2)
+    assert upd(table)["value"][0][1] == "changed" and status == "Idle · 1 queued"
+
+
+def test_plot_tab_without_logs_says_so(ui):
+    fig, msg = ui.draw_log(None)
+    assert fig is None and "No CSV logs" in msg
+    assert upd(ui.refresh_logs())["choices"] == []
+
+
+def test_stop_when_idle_and_run_queue_when_empty(ui):
+    assert ui.stop() == "Nothing is training"
+    assert ui.run_queue()[0] == "Nothing is queued"
+
+
+def test_model_and_vae_lists_refresh(ui, tmp_path):
+    from trainer.models.loading import save_ldm_checkpoint
+    from trainer.models.tiny import tiny_components
+
+    models = tmp_path / "models"
+    host = StandaloneHost(tmp_path, model_dir=models)
+    u = TrainTrainUI(host, queue=JobQueue(tmp_path / "q", lambda c, ctl: None))
+    assert upd(u.refresh_models()[0])["choices"] == [host.TINY_LABEL]
+    save_ldm_checkpoint(tiny_components(), models / "mine.safetensors")
+    (models / "my_vae.safetensors").write_bytes(b"")
+    got = upd(u.refresh_models("mine.safetensors")[0])
+    assert got["choices"] == [host.TINY_LABEL, "mine.safetensors", "my_vae.safetensors"]
+    assert got["value"] == "mine.safetensors"
+    assert upd(u.refresh_vaes()[0])["choices"] == ["None", "my_vae.safetensors"]
+    values = values_for(u, Config.defaults(), model="mine.safetensors")
+    assert u.config_from_values(values)[0].model == "mine.safetensors"
+    assert u.config_from_values(values_for(u, Config.defaults()))[0].model == ""
+
+
+def test_the_cli_has_a_ui_command_that_listens_on_localhost_only():
+    from trainer.__main__ import main
+    import trainer.ui as ui_module
+
+    seen = {}
+
+    def fake_launch(host, **kw):
+        seen.update(kw, host=host)
+
+    orig = ui_module.launch
+    ui_module.launch = fake_launch
+    try:
+        assert main(["ui", "--port", "7999", "--workdir", "/tmp/tt-ui-cli"]) == 0
+        assert seen["port"] == 7999 and seen["listen"] is False
+        assert main(["ui", "--listen"]) == 0 and seen["listen"] is True and seen["port"] == 7860
+    finally:
+        ui_module.launch = orig
