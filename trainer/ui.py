@@ -503,16 +503,16 @@ class TrainTrainUI:
                 with gr.Row(elem_id="tt_preset_row"):
                     w["preset"] = _make(gr.Dropdown, choices=self.preset_names(), value=None, label="Preset",
                                         elem_id="tt_preset", scale=3)
-                    w["preset_load"] = _make(gr.Button, "↙️ Load", elem_id="tt_preset_load", size="sm",
+                    w["preset_load"] = _make(gr.Button, "Load", elem_id="tt_preset_load", size="sm",
                                              elem_classes=["tt-tool"])
-                    w["preset_refresh"] = _make(gr.Button, "🔄", elem_id="tt_preset_refresh", size="sm",
+                    w["preset_refresh"] = _make(gr.Button, "Refresh", elem_id="tt_preset_refresh", size="sm",
                                                 elem_classes=["tt-tool"])
                 with gr.Row(elem_id="tt_preset_save_row"):
                     w["preset_name"] = _make(gr.Textbox, label="Save preset as", elem_id="tt_preset_name",
                                              placeholder="empty: the save_lora_name", scale=3)
                     w["preset_overwrite"] = _make(gr.Checkbox, label="overwrite", value=False,
                                                   elem_id="tt_preset_overwrite")
-                    w["preset_save"] = _make(gr.Button, "💾 Save", elem_id="tt_preset_save", size="sm",
+                    w["preset_save"] = _make(gr.Button, "Save", elem_id="tt_preset_save", size="sm",
                                              elem_classes=["tt-tool"])
         with gr.Row():
             with _make(gr.Column, scale=3):
@@ -533,11 +533,11 @@ class TrainTrainUI:
         with gr.Row():
             w["model"] = _make(gr.Dropdown, choices=self.host.model_choices(), value=self.host.default_model(),
                                label="Model", elem_id="tt_model", scale=4)
-            w["model_refresh"] = _make(gr.Button, "🔄", elem_id="tt_model_refresh", size="sm",
+            w["model_refresh"] = _make(gr.Button, "Refresh", elem_id="tt_model_refresh", size="sm",
                                        elem_classes=["tt-tool"])
             w["vae"] = _make(gr.Dropdown, choices=self.host.vae_choices(), value="None", label="VAE",
                              elem_id="tt_vae", scale=3)
-            w["vae_refresh"] = _make(gr.Button, "🔄", elem_id="tt_vae_refresh", size="sm", elem_classes=["tt-tool"])
+            w["vae_refresh"] = _make(gr.Button, "Refresh", elem_id="tt_vae_refresh", size="sm", elem_classes=["tt-tool"])
         with _make(gr.Column, visible=mode in PROMPT_MODES, elem_id="tt_prompts") as w["prompt_group"]:
             with gr.Row():
                 w["original_prompt"] = _make(gr.Textbox, label="Original prompt", lines=2,
@@ -578,7 +578,7 @@ class TrainTrainUI:
         with gr.Row():
             w["log_file"] = _make(gr.Dropdown, choices=files, value=files[0] if files else None,
                                   label=f"Log file (CSV in {self.paths.log_dir})", elem_id="tt_log_file", scale=4)
-            w["log_refresh"] = _make(gr.Button, "🔄", elem_id="tt_log_refresh", size="sm", elem_classes=["tt-tool"])
+            w["log_refresh"] = _make(gr.Button, "Refresh", elem_id="tt_log_refresh", size="sm", elem_classes=["tt-tool"])
             w["log_draw"] = _make(gr.Button, "Draw", elem_id="tt_log_draw", variant="primary")
         w["log_message"] = _make(gr.Textbox, label="File", interactive=False, elem_id="tt_log_message")
         w["log_plot"] = _make(gr.Plot, label="Loss and learning rate", elem_id="tt_log_plot")

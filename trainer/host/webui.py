@@ -127,7 +127,7 @@ class WebUIHost:
         if info is None:
             from ..host.standalone import HostError
 
-            raise HostError(f"model: {name!r} is not in the Web-UI's checkpoint list (press 🔄 to refresh it)")
+            raise HostError(f"model: {name!r} is not in the Web-UI's checkpoint list (press Refresh next to it to reread the folder)")
         return info
 
     def _vae_path(self, name: str) -> str | None:
