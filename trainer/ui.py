@@ -608,18 +608,19 @@ class TrainTrainUI:
         poll_out = [w["status"], w["live_plot"], w["queue_table"], w["job_choice"], w["poll_state"]]
         if hasattr(gr, "Timer"):  # gradio >= 4.40 (Forge, standalone)
             w["timer"] = gr.Timer(POLL_SECONDS)
-            w["timer"].tick(self.poll, inputs=[w["poll_state"]], outputs=poll_out, **_quiet())
+            w["timer"].tick(self.poll, inputs=[w["poll_state"]], outputs=poll_out, **_quiet(w["timer"].tick))
         else:  # gradio 3.41 (A1111): a load event that repeats; needs the queue, which the Web-UI enables
-            blocks.load(self.poll, inputs=[w["poll_state"]], outputs=poll_out, every=POLL_SECONDS)
+            blocks.load(self.poll, inputs=[w["poll_state"]], outputs=poll_out, every=POLL_SECONDS,
+                        **_quiet(blocks.load))
 
 
-def _quiet() -> dict:
+def _quiet(listener) -> dict:
     """Event options that keep a polling event from flashing the progress overlay."""
-    params = inspect.signature(gr.Timer.tick).parameters if hasattr(gr, "Timer") else {}
-    out = {}
-    if "show_progress" in params:
-        out["show_progress"] = "hidden" if GRADIO_VERSION >= (4, 0) else False
-    return out
+    try:
+        params = inspect.signature(listener).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"show_progress": "hidden"} if "show_progress" in params else {}
 
 
 def _image_path(value: Any) -> str:
