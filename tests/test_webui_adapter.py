@@ -305,3 +305,24 @@ def test_install_pins_every_installed_distribution(monkeypatch):
     pins = module.installed_pins()
     assert any(p.lower().startswith("torch==") for p in pins)
     assert all("==" in p for p in pins)
+
+
+def test_forge_reads_the_selected_checkpoint_and_lets_forge_reload_by_itself(webui, tmp_path, monkeypatch):
+    """Forge: no LDM-layout model to reuse (FakeInitialModel before the first generation, forge_objects
+    after); the checkpoint chosen in the header is read from its file and Forge's models are unloaded."""
+    from modules import sd_models
+
+    from trainer.config import Config
+
+    class FakeInitialModel:
+        cond_stage_model = None
+
+    calls = []
+    monkeypatch.setattr(sd_models, "forge_model_reload", lambda: calls.append("forge_model_reload"), raising=False)
+    monkeypatch.setattr(sd_models, "unload_model_weights", lambda sd_model=None, info=None: calls.append("unload"))
+    monkeypatch.setattr(sd_models, "send_model_to_cpu", lambda m: calls.append("to_cpu"))
+    monkeypatch.setattr(sd_models, "send_model_to_device", lambda m: calls.append("to_device"))
+    sd_models.model_data.sd_model = FakeInitialModel()
+    with _host(tmp_path).session(Config.defaults(), _Control()) as comps:
+        assert comps.name == "tiny-sd1" and comps.info.family.value == "sd1"
+    assert calls == ["unload"]

@@ -13,8 +13,9 @@
   (``shared.state.interrupted``) stopping the training at the next step;
 - LoRAs saved to ``shared.cmd_opts.lora_dir`` (the Web-UI's Lora folder).
 
-Forge keeps no LDM-layout model (``forge_objects``): there the checkpoint is read from its file and
-Forge reloads its own model lazily on the next generation.
+Forge keeps no LDM-layout model (``forge_objects``; a ``FakeInitialModel`` before the first generation):
+there the checkpoint chosen in the header (``sd_models.select_checkpoint``) is read from its file, Forge's
+models are unloaded (``unload_model_weights``) and Forge reloads them by itself on the next generation.
 """
 from __future__ import annotations
 
@@ -182,29 +183,39 @@ class WebUIHost:
         _, sd_models, _, _ = _modules()
         vae_path = self._vae_path(cfg.vae)
         v_pred = cfg.model_v_pred or None
+        is_forge = hasattr(sd_models, "forge_model_reload") or hasattr(model, "forge_objects")
+        # A1111's LatentDiffusion; Forge keeps its own model classes (and a FakeInitialModel before the first load)
+        live = model if isinstance(model, torch.nn.Module) and not is_forge else None
         loaded_info = getattr(model, "sd_checkpoint_info", None) if model is not None else None
-        wanted = self._checkpoint(cfg.model) if cfg.model else loaded_info
+        if cfg.model:
+            wanted = self._checkpoint(cfg.model)
+        else:
+            wanted = loaded_info
+            if wanted is None and hasattr(sd_models, "select_checkpoint"):
+                try:
+                    wanted = sd_models.select_checkpoint()  # the checkpoint chosen in the Web-UI's header
+                except FileNotFoundError:
+                    wanted = None
         if wanted is None:
             from ..host.standalone import HostError
 
             raise HostError("model: no checkpoint is loaded in the Web-UI; choose one in the Model list")
-        same = loaded_info is not None and os.path.abspath(wanted.filename) == os.path.abspath(loaded_info.filename)
-        is_forge = model is not None and hasattr(model, "forge_objects")
-        if model is not None:
-            if is_forge or not hasattr(sd_models, "send_model_to_cpu"):
-                sd_models.unload_model_weights()  # Forge: unloads; it reloads by itself on the next generation
-            else:
-                moved.append(model)
-                sd_models.send_model_to_cpu(model)  # A1111: frees the GPU; the weights stay in RAM
-        if same and not is_forge and _has_networks_applied(model):
+        same = (live is not None and loaded_info is not None
+                and os.path.abspath(wanted.filename) == os.path.abspath(loaded_info.filename))
+        if is_forge:
+            sd_models.unload_model_weights()  # Forge frees its models; it reloads by itself on the next generation
+        elif live is not None:
+            moved.append(live)
+            sd_models.send_model_to_cpu(live)  # A1111: frees the GPU; the weights stay in RAM
+        if same and _has_networks_applied(live):
             control.log("A LoRA from a prompt is merged into the Web-UI's model: reading the checkpoint file "
                         "for clean weights")
             same = False
-        if same and not is_forge:
-            sd = normalize_webui_state_dict(model.state_dict())
+        if same:
+            sd = normalize_webui_state_dict(live.state_dict())
             sd = {k: v.detach().to("cpu") for k, v in sd.items()}
             if v_pred is None:
-                v_pred = getattr(model, "parameterization", "eps") == "v"
+                v_pred = getattr(live, "parameterization", "eps") == "v"
             configs = _file_configs(wanted.filename)
             if configs is not None:  # non-standard sizes (the tiny model): the file says what it is
                 info = ModelInfo(configs.family, bool(v_pred))
