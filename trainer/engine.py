@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import json
 import math
 import os
@@ -81,17 +82,41 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it, PyTorch emulates
+    bf16 and a U-Net step is about 2x slower than in fp32 (bench/RESULTS.md)."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        try:
+            if getattr(cpu, probe)():
+                return True
+        except Exception:  # private probes: absent or failing on some builds and platforms
+            continue
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def model_dtype(name: str, device: torch.device, log: Callable[[str], None]) -> torch.dtype:
-    """The dtype of the frozen model. fp16 on CPU runs as bf16: CPU fp16 kernels are slow and
-    fp16 needs a GradScaler that only CUDA has."""
+    """The dtype of the frozen model. fp16 on CPU runs as bf16 where the CPU has bf16 instructions
+    and as fp32 elsewhere: CPU fp16 kernels are slow, fp16 needs a GradScaler that only CUDA has,
+    and emulated bf16 is slower than fp32 (an explicit bf16 is kept: it halves the model's memory)."""
     if name == "int8":
         raise TrainingError("train_model_precision: 'int8' is not supported by this build; use bf16 or fp16")
     if name == "model":
         name = "fp16"
     dtype = PRECISIONS[name]
     if device.type == "cpu" and dtype == torch.float16:
-        log("train_model_precision: fp16 runs as bf16 on the CPU")
-        dtype = torch.bfloat16
+        if cpu_has_native_bf16():
+            log("train_model_precision: fp16 runs as bf16 on the CPU")
+            dtype = torch.bfloat16
+        else:
+            log("train_model_precision: fp16 runs as fp32 on this CPU (it has no bf16 instructions, so bf16 "
+                "would be slower); set bf16 to halve the model's memory instead")
+            dtype = torch.float32
     return dtype
 
 
@@ -164,6 +189,8 @@ class TrainingRun:
         self.networks: list = []  # applied networks, innermost first
         self.files: list[Path] = []
         self.summary: dict = {}  # filled by the mode: num images, tag frequency, ...
+        # Read each step's loss one step late, without waiting for the device (None: on CUDA only)
+        self.lagged_loss: bool | None = None
 
     # --- control -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -205,11 +232,19 @@ class TrainingRun:
 
     def timesteps(self, batch: int, cfg=None) -> torch.Tensor:
         cfg = cfg or self.cfg
-        return sample_timesteps(batch, cfg.train_min_timesteps, cfg.train_max_timesteps,
-                                cfg.train_fixed_timsteps_in_batch, self.generator, self.device)
+        return self.to_device(sample_timesteps(batch, cfg.train_min_timesteps, cfg.train_max_timesteps,
+                                               cfg.train_fixed_timsteps_in_batch, self.generator, "cpu"))
 
     def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, dtype=dtype).to(self.device)
+        return self.to_device(torch.randn(shape, generator=self.generator, dtype=dtype))
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the run's device. On CUDA the copy goes through pinned memory without
+        blocking, so the host does not wait for the GPU to finish its queued work (a plain .to()
+        from pageable memory synchronises)."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels [B,3,H,W] in [-1,1] -> scaled latents, in the VAE precision."""
@@ -272,11 +307,12 @@ class TrainingRun:
                              steps_done, True, seed)
         except TrainingError as e:
             return RunResult(False, str(e), self.files, self.csv_path, steps_done, self._stop, seed)
-        except torch.cuda.OutOfMemoryError:
-            self._free_memory()
-            return RunResult(False, "Out of GPU memory: lower train_batch_size or image_size, turn on "
-                             "use_gradient_checkpointing, or use bf16/fp16 train_model_precision", self.files,
-                             self.csv_path, steps_done, False, seed)
+        except Exception as e:  # out of memory while preparing (VAE, text encoder, network)
+            if not is_out_of_memory(e):
+                raise
+            message = self._oom_message(cfg, None)
+            self.log(message)
+            return RunResult(False, message, self.files, self.csv_path, steps_done, False, seed)
         finally:
             for net in reversed(self.networks):
                 net.remove()
@@ -351,53 +387,117 @@ class TrainingRun:
         total = cfg.train_iterations
         save_at = set(range(cfg.save_per_steps, total, cfg.save_per_steps)) if cfg.save_per_steps > 0 else set()
         log = self._open_csv(p, len(groups)) if cfg.logging_save_csv else None
+        wants_metric = getattr(scheduler, "wants_metric", False)
+        lagged = self.lagged_loss if self.lagged_loss is not None else self.device.type == "cuda"
+        # A scheduler fed the loss needs it in the step; schedule-free optimizers save weights derived
+        # from their state, which the snapshot below does not cover: both read the loss in the step.
+        reader = _LossReader(params, lagged and not wants_metric and cfg.train_optimizer not in SCHEDULE_FREE)
         smooth = None
         t0 = time.perf_counter()
-        step = 0
+        step = completed = 0
+        oom_at = None
+
+        def settle(done) -> None:
+            """Book a step whose loss is known: NaN guard, CSV row, progress."""
+            nonlocal smooth
+            at, value, lrs = done
+            if not math.isfinite(value):
+                reader.restore()  # lagged: back to the weights before that step, the last finite ones
+                self._nan_stop(p, net, optimizer, at, value)
+            smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
+            if log:
+                log.row(at, value, smooth, lrs)
+            rate = (time.perf_counter() - t0) / at
+            self.progress(phase="train", step=at, total=total, loss=value, loss_avg=smooth, lrs=lrs,
+                          sec_per_it=rate, eta_s=rate * (total - at), message=p.name)
+
         try:
             for step in range(1, total + 1):
                 if self._stop:
                     step -= 1
                     break
                 loss = p.loss_fn(step)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    self._nan_stop(p, net, optimizer, step, value)
+                if reader.lagged:  # the previous step's loss has reached the host by now
+                    done = reader.take()
+                    reader.put(step, loss)
+                    if done:
+                        settle(done)
+                else:
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        self._nan_stop(p, net, optimizer, step, value)  # the weights are still the last good ones
                 (scaler.scale(loss) if scaler else loss).backward()
+                loss = None
                 if cfg.train_max_grad_norm and cfg.train_max_grad_norm > 0:
                     if scaler:
                         scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, cfg.train_max_grad_norm)
+                reader.snapshot()
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
-                if getattr(scheduler, "wants_metric", False):
-                    scheduler.step(smooth)
+                completed = step
+                if wants_metric:
+                    scheduler.step(value if smooth is None else 0.9 * smooth + 0.1 * value)
                 else:
                     scheduler.step()
                 lrs = tuple(float(x) for x in _current_lrs(optimizer))
-                if log:
-                    log.row(step, value, smooth, lrs)
-                elapsed = time.perf_counter() - t0
-                rate = elapsed / step
-                self.progress(phase="train", step=step, total=total, loss=value, loss_avg=smooth, lrs=lrs,
-                              sec_per_it=rate, eta_s=rate * (total - step), message=p.name)
+                if reader.lagged:
+                    reader.note_lrs(lrs)
+                else:
+                    settle((step, value, lrs))
                 if step in save_at and p.save:
+                    if reader.lagged:
+                        settle(reader.take())
                     self._save(p, net, optimizer, suffix=f"_{step}steps", steps=step)
+            if reader.lagged and reader.pending:
+                settle(reader.take())
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            oom_at = step
         finally:
             if log:
                 log.close()
+        if oom_at is not None:  # out of the except block: the failed step's tensors are freed now
+            loss = None
+            self._out_of_memory(p, net, optimizer, reader, oom_at, completed, settle)
         if p.save or self._stop:
             suffix = f"_{step}steps" if self._stop else ""
-            if step > 0:
+            # (Stop pressed during a per-step save: that file already holds these weights)
+            if step > 0 and self.paths.lora_dir / f"{p.name}{suffix}.safetensors" not in self.files:
                 self._save(p, net, optimizer, suffix=suffix, steps=step)
         net.requires_grad_(False)
         net.set_multiplier(1.0)
         return step
+
+    def _oom_message(self, cfg, step: int | None) -> str:
+        where = f" at step {step}" if step else " while preparing"
+        gpu = "GPU " if self.device.type == "cuda" else ""
+        return (f"Out of {gpu}memory{where}: lower train_batch_size (now {cfg.train_batch_size}) or image_size, "
+                f"turn on use_gradient_checkpointing (now {'on' if cfg.use_gradient_checkpointing else 'off'}), "
+                f"or use a half train_model_precision (now {cfg.train_model_precision}: bf16 or fp16)")
+
+    def _out_of_memory(self, p: Pass, net, optimizer, reader, step: int, done: int, settle) -> None:
+        """Keep what the steps before the one that ran out of memory trained, then stop with advice."""
+        gc.collect()
+        self._free_memory()
+        if reader.pending:
+            pending = reader.take()
+            if pending[0] <= done:  # a finished step whose loss was not read yet
+                settle(pending)
+        saved = ""
+        with torch.no_grad():
+            finite = all(torch.isfinite(q).all() for q in net.parameters())
+        if done > 0 and p.save and finite:
+            path = self._save(p, net, optimizer, suffix=f"_{done}steps", steps=done)
+            saved = f"; the weights of step {done} are in {path}"
+        message = self._oom_message(p.cfg, step) + saved
+        self.log(message)
+        raise TrainingError(message)
 
     def _nan_stop(self, p: Pass, net, optimizer, step: int, value: float) -> None:
         # The weights have not been updated with this loss yet: they are the last good ones.
@@ -488,6 +588,71 @@ def _checkpoint_text_encoder(te) -> None:
         # gradient to the adapters inside a segment unless the segment's input requires grad.
         te.gradient_checkpointing_enable()
         te.enable_input_require_grads()
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA/HIP/MPS/CPU allocation failures (PyTorch raises RuntimeError subclasses with these texts)."""
+    if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class _LossReader:
+    """Each step's loss, read so that the host never waits for the device inside a step.
+
+    Not lagged (CPU, where reading costs nothing): the engine reads the loss in the step, before
+    backward, so a non-finite loss stops training before it touches the weights. Lagged (CUDA): the
+    loss is copied to pinned host memory asynchronously and read during the next step, once it has
+    landed; the trained weights are copied aside before every optimizer step, so when a loss turns out
+    non-finite the weights go back to the ones before that step: the last finite ones."""
+
+    def __init__(self, params: list, lagged: bool):
+        self.lagged = lagged
+        self.params = [q.detach() for q in params]
+        self.backup = [q.clone() for q in self.params] if lagged else []
+        self.pending: list | None = None  # [step, host value, event, lrs]
+
+    def put(self, step: int, loss: torch.Tensor) -> None:
+        value = loss.detach().float().reshape(())
+        event = None
+        if value.device.type == "cuda":
+            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = value.to("cpu", copy=True)
+        self.pending = [step, host, event, ()]
+
+    def note_lrs(self, lrs: tuple) -> None:
+        self.pending[3] = lrs
+
+    def take(self) -> tuple | None:
+        if self.pending is None:
+            return None
+        step, host, event, lrs = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()  # usually long done: the device is a step ahead by now
+        return step, float(host), lrs
+
+    def snapshot(self) -> None:
+        if self.lagged:
+            _copy_all(self.backup, self.params)
+
+    def restore(self) -> None:
+        if self.lagged:
+            _copy_all(self.params, self.backup)
+
+
+def _copy_all(dst: list, src: list) -> None:
+    with torch.no_grad():
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(dst, src)  # a few kernel launches instead of one per tensor
+        else:
+            for d, s in zip(dst, src):
+                d.copy_(s)
 
 
 def _current_lrs(optimizer) -> Iterator[float]:

@@ -38,9 +38,20 @@ class LoRAMode:
         run.progress(phase="prepare", message=f"Encoding {len(samples)} images")
         cache_dir = run.paths.cache_dir if getattr(cfg, "latent_cache_on_disk", True) else None
         key = f"{run.components.name}|{cfg.train_VAE_precision}|{run.components.scaling_factor}"
-        self.latents = LatentCache(warn=run.log).encode_all(
-            samples, run.encode_images, batch_size=max(1, cfg.train_batch_size), cache_dir=cache_dir, key_extra=key)
+
+        def encode(pixels):
+            run.check_stop()  # Stop while caching ends before the next batch; cached files stay whole
+            return run.encode_images(pixels)
+
+        latents = LatentCache(warn=run.log).encode_all(
+            samples, encode, batch_size=max(1, cfg.train_batch_size), cache_dir=cache_dir, key_extra=key)
         run.release_vae()
+        # On the device once (repeated samples share one tensor), not copied there at every step
+        on_device: dict[int, torch.Tensor] = {}
+        for x in latents:
+            if id(x) not in on_device:
+                on_device[id(x)] = x.to(run.device)
+        self.latents = [on_device[id(x)] for x in latents]
         self.captions = [s.caption for s in samples]
         self.buckets = [s.bucket for s in samples]
         self.sizes = [SizeCond(*s.size_cond_hw()) for s in samples]  # SDXL: pixels, per sample
@@ -82,7 +93,7 @@ class LoRAMode:
     def loss(self, step: int) -> torch.Tensor:
         run = self.run
         idx = next(self.batcher)
-        x0 = torch.stack([self.latents[i] for i in idx]).to(run.device)
+        x0 = torch.stack([self.latents[i] for i in idx])
         noise = run.randn(x0.shape)
         t = run.timesteps(x0.shape[0])
         noisy = run.schedule.add_noise(x0, noise, t)
