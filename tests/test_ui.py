@@ -310,3 +310,14 @@ def test_the_cli_has_a_ui_command_that_listens_on_localhost_only():
         assert main(["ui", "--listen"]) == 0 and seen["listen"] is True and seen["port"] == 7860
     finally:
         ui_module.launch = orig
+
+
+def test_help_texts_follow_the_language(tmp_path):
+    host = StandaloneHost(tmp_path)
+    host.lang = "ja"  # as WebUIHost sets it from the Web-UI's localization
+    u = TrainTrainUI(host, queue=JobQueue(tmp_path / "q", lambda c, ctl: None))
+    u.build()
+    by_id = {getattr(c, "elem_id", None): c for c in u.blocks.blocks.values()}
+    rank = next(s for s in SETTINGS if s.name == "network_rank")
+    assert by_id["tt_network_rank"].info == rank.help_ja
+    assert TrainTrainUI(host, lang="en", queue=u.queue).lang == "en"

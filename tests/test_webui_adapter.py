@@ -66,6 +66,12 @@ def test_lists_and_paths_come_from_the_webui(webui, tmp_path, tiny_ckpt):
     assert host.model_choices() == [LOADED_LABEL, "tiny-sd1.safetensors"]
     assert host.vae_choices() == ["None"]
     assert host.model_value(LOADED_LABEL) == "" and host.model_value("tiny-sd1.safetensors") == "tiny-sd1.safetensors"
+    assert host.lang == "en"
+    from modules import shared
+
+    shared.opts.localization = "ja_JP"
+    assert _host(tmp_path).lang == "ja"
+    shared.opts.localization = "None"
     vae_dir = tmp_path / "models" / "VAE"
     vae_dir.mkdir(parents=True)
     (vae_dir / "my.vae.safetensors").write_bytes(b"")

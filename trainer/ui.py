@@ -95,13 +95,13 @@ def _hms(seconds: float | None) -> str:
 class TrainTrainUI:
     """The Train, Queue and Plot tabs over one host and one queue."""
 
-    def __init__(self, host, *, queue: JobQueue | None = None, lang: str = "en",
+    def __init__(self, host, *, queue: JobQueue | None = None, lang: str | None = None,
                  preset_dirs: Sequence[Path] | None = None, user_preset_dir: Path | None = None):
         self.host = host
         paths = host.paths()
         self.paths = paths
         self.queue = queue if queue is not None else JobQueue(paths.json_dir, host_runner(host))
-        self.lang = lang
+        self.lang = lang or getattr(host, "lang", "en")
         workdir = Path(getattr(host, "workdir", ROOT))
         self.user_preset_dir = Path(user_preset_dir) if user_preset_dir else workdir / "presets"
         dirs = list(preset_dirs) if preset_dirs else [SHIPPED_PRESETS]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -84,7 +83,8 @@ class WebUIHost:
             lora_dir = os.path.join(paths.models_path, "Lora")
         self._paths = OutputPaths(Path(lora_dir), self.workdir / "logs", self.workdir / "jsons", self.workdir / "cache")
         self.device = device
-        self._progress_lock = threading.Lock()
+        # the settings' help in Japanese when the Web-UI's localization is Japanese
+        self.lang = "ja" if str(getattr(shared.opts, "localization", "")).lower().startswith("ja") else "en"
 
     # --- lists ------------------------------------------------------------------------------
     def paths(self) -> OutputPaths:
