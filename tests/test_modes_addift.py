@@ -53,7 +53,7 @@ def test_multipliers_alternate_and_timesteps_span_the_range(images, tmp_path, co
     _, result, _ = train(cfg, tmp_path, mode, components)
     assert result.ok, result.message
     assert [m for _, m, _ in mode.trace] == [0.25, -0.125] * 6
-    ts = [t for _, _, step_ts in mode.trace for t in step_ts]
+    ts = [t for _, _, step_ts in mode.trace for t in step_ts.tolist()]
     # bug #9: the original cycled through 5 values and never used the minimum; here 48 uniform draws
     assert all(200 <= t < 400 for t in ts) and min(ts) < 240 and max(ts) > 360 and len(set(ts)) > 30
     # each step: the frozen branch (multiplier 0) then the LoRA branch, same t, same noise

@@ -69,7 +69,7 @@ class _ADDifTObjective:
     def setup(self, run, cfg) -> None:
         self.run, self.cfg = run, cfg
         self.ratio = float(cfg.diff_alt_ratio)
-        self.trace: list[tuple[int, float, list[int]]] = []  # (step, multiplier, timesteps), for the log/tests
+        self.trace: list[tuple[int, float, torch.Tensor]] = []  # (step, multiplier, timesteps), for tests
 
     def pass_cfg(self, run, cfg):
         if cfg.diff_load_1st_pass.strip() and not cfg.network_resume:
@@ -94,7 +94,7 @@ class _ADDifTObjective:
             target = run.predict(a, t, cond_o)
         run.network.set_multiplier(mult)
         pred = run.predict(b, t, cond_g)
-        self.trace.append((step, mult, t.tolist()))
+        self.trace.append((step, mult, t))  # t stays on the device: no host sync in the step
         return run.step_loss(pred, target, t, cfg, mask)
 
 
@@ -161,10 +161,20 @@ class MultiADDifTMode(_ADDifTObjective):
         run.progress(phase="prepare", message=f"Encoding {len(samples)} image pairs")
         cache_dir = run.paths.cache_dir if getattr(cfg, "latent_cache_on_disk", True) else None
         key = f"{run.components.name}|{cfg.train_VAE_precision}|{run.components.scaling_factor}"
+
+        def encode(pixels):
+            run.check_stop()  # Stop while caching ends before the next batch
+            return run.encode_images(pixels)
+
         latents = LatentCache(warn=run.log).encode_all(
-            [s.original for s in samples] + [s.target for s in samples], run.encode_images,
+            [s.original for s in samples] + [s.target for s in samples], encode,
             batch_size=max(1, cfg.train_batch_size), cache_dir=cache_dir, key_extra=key)
         run.release_vae()
+        on_device: dict[int, torch.Tensor] = {}  # on the device once (repeated samples share one tensor)
+        for x in latents:
+            if id(x) not in on_device:
+                on_device[id(x)] = x.to(run.device)
+        latents = [on_device[id(x)] for x in latents]
         n = len(samples)
         self.orig, self.targ = latents[:n], latents[n:]
         if cfg.diff_revert_original_target:
@@ -175,7 +185,8 @@ class MultiADDifTMode(_ADDifTObjective):
             for s in samples:
                 m = loss_mask(s.original.pixels, s.target.pixels, s.original.mask, run.log,
                               f"the pair {s.original.source.name} + {s.target.source.name}")
-                self.masks.append(m if m is not None else torch.ones(1, *self.orig[len(self.masks)].shape[-2:]))
+                self.masks.append((m if m is not None else torch.ones(1, *self.orig[len(self.masks)].shape[-2:]))
+                                  .to(run.device))
         self.captions = [s.caption for s in samples]
         self.buckets = [s.bucket for s in samples]
         self.sizes = [SizeCond(*s.original.size_cond_hw()) for s in samples]  # SDXL: pixels, per sample
@@ -192,8 +203,8 @@ class MultiADDifTMode(_ADDifTObjective):
     def loss(self, step: int) -> torch.Tensor:
         run = self.run
         idx = next(self.batcher)
-        x_o = torch.stack([self.orig[i] for i in idx]).to(run.device)
-        x_g = torch.stack([self.targ[i] for i in idx]).to(run.device)
+        x_o = torch.stack([self.orig[i] for i in idx])
+        x_g = torch.stack([self.targ[i] for i in idx])
         cond = self.prompts.cond([self.captions[i] for i in idx], [self.sizes[i] for i in idx])
-        mask = torch.stack([self.masks[i] for i in idx]).to(run.device) if self.masks is not None else None
+        mask = torch.stack([self.masks[i] for i in idx]) if self.masks is not None else None
         return self.pair_loss(step, x_o, x_g, cond, cond, mask)
