@@ -166,3 +166,39 @@ def test_an_empty_save_name_becomes_untitled():
 def test_data_errors_are_value_errors_so_every_front_end_catches_them():
     # the CLI, the queue and the UI catch ValueError around a run: a DataError must be one
     assert issubclass(DataError, ValueError)
+
+
+# --- any image size lands in a bucket exactly (property) ------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from trainer.data.buckets import crop_box, make_buckets, nearest_bucket, resize_and_crop  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 30000), st.integers(1, 30000), st.sampled_from([(512, 512), (768, 512), (1024, 1024)]),
+       st.sampled_from([64, 128, 256]), st.sampled_from([1.5, 2.0, 4.0]))
+def test_any_image_size_gets_a_crop_inside_it_with_the_buckets_shape(w, h, size, step, ratio):
+    buckets, _ = make_buckets(size, step, min(size), ratio)
+    bucket, error = nearest_bucket((w, h), buckets)
+    box = crop_box((w, h), bucket, error)
+    left, top, right, bottom = box
+    assert 0 <= left < right <= w and 0 <= top < bottom <= h
+    cw, ch = right - left, bottom - top
+    assert (cw == w) or (ch == h)  # one side is kept whole, the other centre-cropped
+    # the crop has the bucket's shape up to one source pixel of rounding
+    assert abs(cw * bucket[1] - ch * bucket[0]) <= max(bucket) + 1 or min(cw, ch) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.booleans())
+def test_resize_and_crop_gives_exactly_the_bucket(w, h, disable_upscale):
+    image = Image.new("RGB", (w, h), (10, 20, 30))
+    buckets, _ = make_buckets((64, 64), 32, 32, 2.0)
+    bucket, error = nearest_bucket((w, h), buckets)
+    out = resize_and_crop(image, bucket, error, disable_upscale)
+    if out is None:
+        assert disable_upscale and (w < bucket[0] or h < bucket[1])
+    else:
+        assert out.size == bucket
