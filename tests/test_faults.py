@@ -280,3 +280,28 @@ def test_the_cpu_bf16_probe_answers():
     from trainer.engine import cpu_has_native_bf16
 
     assert cpu_has_native_bf16() in (True, False)
+
+
+# --- a queue of three with the real engine: the failing job in the middle stops nothing ------------
+
+def test_out_of_memory_in_the_middle_job_of_a_queue_of_three(data, tmp_path, monkeypatch):
+    from trainer.jobs import DONE, FAILED, JobQueue, StandaloneHost, host_runner
+
+    real = LoRAMode.loss
+
+    def loss(self, step):
+        if self.run.cfg.save_lora_name == "boom" and step == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return real(self, step)
+
+    monkeypatch.setattr(LoRAMode, "loss", loss)
+    host = StandaloneHost(tmp_path / "work", device=torch.device("cpu"))
+    q = JobQueue(tmp_path / "queue", host_runner(host), console=lambda m: None)
+    for name in ("first", "boom", "last"):
+        q.add(make_cfg(data, save_lora_name=name, train_iterations=3, logging_save_csv=False))
+    assert q.start() and q.wait(600)
+    jobs = {j.name: j for j in q.jobs()}
+    assert jobs["first"].status == DONE and jobs["last"].status == DONE
+    assert jobs["boom"].status == FAILED and "train_batch_size" in jobs["boom"].message
+    out = tmp_path / "work" / "output"
+    assert files_in(out) == ["boom_1steps.safetensors", "first.safetensors", "last.safetensors"]
