@@ -590,7 +590,8 @@ class TrainTrainUI:
         w["mode"].change(self.change_mode, inputs=[w["mode"]], outputs=visibility)
         w["start"].click(self.start, inputs=settings, outputs=queue_out)
         w["queue_add"].click(self.add_to_queue, inputs=settings, outputs=queue_out)
-        w["stop"].click(self.stop, inputs=None, outputs=[w["message"]])
+        # Stop bypasses the event queue, so it is not held up behind the polling events
+        w["stop"].click(self.stop, inputs=None, outputs=[w["message"]], **_unqueued(w["stop"].click))
         w["queue_run"].click(self.run_queue, inputs=None, outputs=queue_out)
         w["queue_clear"].click(self.clear_finished, inputs=None, outputs=queue_out)
         w["job_delete"].click(self.delete_job, inputs=[w["job_choice"]], outputs=queue_out)
@@ -612,6 +613,14 @@ class TrainTrainUI:
         else:  # gradio 3.41 (A1111): a load event that repeats; needs the queue, which the Web-UI enables
             blocks.load(self.poll, inputs=[w["poll_state"]], outputs=poll_out, every=POLL_SECONDS,
                         **_quiet(blocks.load))
+
+
+def _unqueued(listener) -> dict:
+    try:
+        params = inspect.signature(listener).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"queue": False} if "queue" in params else {}
 
 
 def _quiet(listener) -> dict:
