@@ -13,24 +13,23 @@ from __future__ import annotations
 
 import csv
 import inspect
-import json
 import os
+import shutil
 import tempfile
-import time
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
 import gradio as gr
 
 from .config import (
-    BLOCK_IDS,
     MODES,
     SETTINGS,
     Config,
     Setting,
     SettingError,
 )
-from .jobs import ACTIVE, DONE, FAILED, QUEUED, RUNNING, STOPPED, JobQueue, QueueError, host_runner
+from .jobs import ACTIVE, DONE, FAILED, RUNNING, STOPPED, JobQueue, QueueError, host_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_PRESETS = ROOT / "presets"
@@ -107,6 +106,7 @@ class TrainTrainUI:
         dirs = list(preset_dirs) if preset_dirs else [SHIPPED_PRESETS]
         self.preset_dirs = [d for d in dirs if Path(d).resolve() != self.user_preset_dir.resolve()]
         self._live_dir = Path(tempfile.mkdtemp(prefix="traintrain-live-"))
+        weakref.finalize(self, shutil.rmtree, str(self._live_dir), True)
         self.blocks = None
         self.widgets: dict[str, Any] = {}
 
