@@ -223,13 +223,15 @@ def test_queue_add_duplicate_delete_and_persistence(ui, images, tmp_path):
 def test_start_runs_a_job_with_live_status_and_plot_and_saves(ui, images, tmp_path):
     msg, table, _ = ui.start(*values_for(ui, small(images, "ui_run", iterations=8)))
     assert msg == "Started ui_run (job 1, LoRA)"
-    statuses, figures, state = [], [], {}
+    statuses, figures, tables, state = [], [], [], {}
     deadline = time.time() + 600
     while ui.queue.busy and time.time() < deadline:
         status, plot, table, choices, state = ui.poll(state)
         statuses.append(status)
         if upd(plot).get("value") is not None:
             figures.append(upd(plot)["value"])
+        if "value" in upd(table):  # the table is only sent when it changed
+            tables.append(upd(table)["value"])
         time.sleep(0.05)
     assert not ui.queue.busy
     training = [s for s in statuses if s.startswith("Training ui_run (job 1) · step ")]
@@ -243,7 +245,9 @@ def test_start_runs_a_job_with_live_status_and_plot_and_saves(ui, images, tmp_pa
     status, plot, table, choices, state = ui.poll(state)
     assert status.startswith("Idle · last: ui_run (job 1) done: Saved ")
     assert (tmp_path / "output" / "ui_run.safetensors").is_file()
-    assert upd(table)["value"][0][3] == DONE
+    if "value" in upd(table):
+        tables.append(upd(table)["value"])
+    assert tables and tables[-1][0][3] == DONE
     # the Plot tab lists and draws the run's CSV (only from logs/)
     files = ui.log_files()
     assert len(files) == 1 and files[0].startswith("ui_run-") and files[0].endswith(".csv")
