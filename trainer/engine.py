@@ -12,9 +12,7 @@ import csv
 import gc
 import json
 import math
-import os
 import random
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .atomic import atomic_write_text
 from .diffusion import NoiseSchedule, sample_timesteps, weighted_loss
 from .optim import SCHEDULE_FREE, make_optimizer, make_scheduler
 
@@ -128,19 +127,6 @@ def place(module: torch.nn.Module, device, dtype: torch.dtype | None = None) -> 
 
 def save_dtype(name: str) -> torch.dtype:
     return PRECISIONS["fp16" if name == "model" else name]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class CsvLog:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 import traceback
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from .atomic import atomic_write_text
 from .config import Config, SettingError
 
 log = logging.getLogger("traintrain.jobs")
@@ -123,19 +123,7 @@ class Runner(Protocol):
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 class JobQueue:
     """Ordered, persisted training jobs, run one at a time by a worker thread."""

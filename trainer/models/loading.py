@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
 
+from ..atomic import atomic_write
 from .configs import ModelConfigs, build_models, configs_for
 from .convert import (
     VAE_PREFIX,
@@ -379,14 +378,4 @@ def save_ldm_checkpoint(components: Components, path: Union[str, Path]) -> Path:
             "pad_tokens": list(cfgs.pad_tokens), "scaling_factor": cfgs.scaling_factor,
         }, default=list),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))

@@ -25,6 +25,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from .errors import ModelError
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -100,16 +101,7 @@ def _cache_root() -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+    atomic_write_text(path, text)
 
 @lru_cache(maxsize=None)
 def tokenizer_folder() -> Path:
