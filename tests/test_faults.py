@@ -324,3 +324,16 @@ def test_captions_encoded_in_batches_equal_one_at_a_time(components):
             alone = encode_prompts(components, [text], clip_skip=1).hidden
         assert got[text][0].shape == alone.shape and got[text][1] is None
         torch.testing.assert_close(got[text][0], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_reading_the_loss_late_in_a_two_pass_mode_changes_nothing(data, tmp_path, components):
+    from trainer.modes import mode_for
+
+    images = sorted(data.glob("*.png"))
+    results = {}
+    for lagged in (False, True):
+        cfg = make_cfg(data, save_lora_name=f"d{lagged}", train_iterations=3).replace(
+            mode="Difference", original_image=str(images[0]), target_image=str(images[1]))
+        _, results[lagged] = start(cfg, tmp_path, components, mode=mode_for("Difference"), lagged=lagged)
+        assert results[lagged].ok, results[lagged].message
+    assert same(tensors(results[False].files[-1]), tensors(results[True].files[-1]))
