@@ -1,8 +1,9 @@
 """`python -m bench`: step time and peak memory of the engine against the bare model, and time to the
 first step. Each configuration runs in its own process (one real model in memory at a time, and a clean
-peak-memory window); rows are printed as they finish, then a Markdown table.
+peak-memory window); the rows of a Markdown table are printed as each finishes.
 
-  python -m bench                      # default: SD1.5 (random weights) 256 px, batch 1, fp32/bf16, GC off/on
+  python -m bench                      # default: SD1.5 (random weights) 256 px, batch 1, fp16 (as the app
+                                       # runs it here), GC off/on, 3 steps: about 4 minutes on a quiet CPU
   python -m bench steps --size 512 --batch 1 4 --precision bf16 --gc on --steps 2
   python -m bench steps --mode iLECO Difference
   python -m bench startup              # 100 images, SD1.5 VAE at 256 px: cold and with the on-disk latent cache
@@ -165,7 +166,8 @@ def child_steps(spec: dict) -> dict:
             "ours_peak": ours_peak, "bare_peak": bare_peak, "ours_vram": ours_vram, "bare_vram": bare_vram,
             "passes": passes, "load": os.getloadavg(),
             "build_s": build_s, "rss_model_gb": rss_model, "run_s": total_s, "exact_peak": peak.exact,
-            "attention": attention_processors(components.unet), "env": environment()}
+            "attention": attention_processors(components.unet), "env": environment(),
+            "dtype": str(run.dtype).replace("torch.", "")}
 
 
 def child_startup(spec: dict) -> dict:
@@ -255,7 +257,10 @@ def step_row(r: dict | str, spec: dict) -> str:
     """Medians per step; the ratios are of the summed times over the measured steps (CPU time: what the
     process itself computed, robust on a shared machine; wall: what a user waits, noisy there)."""
     mode = spec["mode"] + (f" [{spec['optimizer']}]" if spec.get("optimizer", "AdamW") != "AdamW" else "")
-    head = (f"| {spec['model']} | {mode} | {spec['size']} | {spec['batch']} | {spec['precision']} | "
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    ran = short.get(r.get("dtype"), spec["precision"]) if isinstance(r, dict) else spec["precision"]
+    precision = spec["precision"] if ran == spec["precision"] else f"{spec['precision']} (ran as {ran})"
+    head = (f"| {spec['model']} | {mode} | {spec['size']} | {spec['batch']} | {precision} | "
             f"{'on' if spec['gc'] else 'off'} |")
     if isinstance(r, str):
         return head + f" {r} |" + " |" * 9 + f" {spec['threads']} | |"
@@ -359,7 +364,8 @@ def main(argv=None) -> int:
     p.add_argument("--mode", nargs="+", default=["LoRA"])
     p.add_argument("--size", nargs="+", type=int, default=[256])
     p.add_argument("--batch", nargs="+", type=int, default=[1])
-    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", nargs="+", default=["fp16"], choices=["fp32", "bf16", "fp16"],
+                   help="train_model_precision (default fp16, the app's default: on a CPU it runs as bf16 or fp32)")
     p.add_argument("--gc", nargs="+", default=["off", "on"], choices=["off", "on"], help="gradient checkpointing")
     p.add_argument("--steps", type=int, default=3, help="measured steps per configuration (after one warm-up)")
     p.add_argument("--rank", type=int, default=16)
