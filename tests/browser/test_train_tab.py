@@ -1,7 +1,9 @@
 """The Train tab in a real browser (headless Chromium + Playwright) against `python -m trainer ui` on
 127.0.0.1 with the tiny built-in model: pick a preset, start a short training, watch the status line
 and the live plot update, queue a second job (a duplicate name is refused), stop, check the files,
-run the queue, switch modes, draw the log in the Plot tab. Screenshots go to tests/artifacts/browser/."""
+run the queue, switch modes, draw the log in the Plot tab; then train once in every mode from the tab
+(LoRA, iLECO, Difference with its copier and 2nd pass, ADDifT, Multi-ADDifT) and check each mode's files.
+Screenshots go to tests/artifacts/browser/."""
 import json
 import re
 import time
@@ -153,3 +155,203 @@ def test_train_queue_stop_and_plot_in_a_browser(chromium_browser, ui_server, wor
     finally:
         page.screenshot(path=artifacts / "99_last.png")
         context.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every mode from the tab, the way a person trains: pick the mode, fill its own inputs, queue it
+# ---------------------------------------------------------------------------------------------
+#: mode -> (save_lora_name, train_iterations). LoRA runs long enough (a few seconds) for the 1 s poll to show
+#: its steps and the live plot; the rest train while the next modes are filled in.
+MODE_JOBS = {
+    "LoRA": ("m_lora", 30), "iLECO": ("m_ileco", 3), "Difference": ("m_diff", 3), "ADDifT": ("m_addift", 3),
+    "Multi-ADDifT": ("m_multi", 3)}
+DIFF_PASS2_STEPS = 2
+#: elem_ids of the mode-specific inputs: shown in the modes listed, hidden in the others
+MODE_INPUTS = {
+    "tt_lora_data_directory": ("LoRA", "Difference", "Multi-ADDifT"),
+    "tt_original_prompt": ("iLECO", "Difference", "ADDifT"),
+    "tt_image_size": ("LoRA", "iLECO", "Multi-ADDifT"),
+    "tt_original_image": ("Difference", "ADDifT"),
+    "tt_target_image": ("Difference", "ADDifT"),
+    "tt_second": ("Difference",),
+    "tt_diff_save_1st_pass": ("Difference",),
+    "tt_diff_target_name": ("Multi-ADDifT",),
+    "tt_diff_alt_ratio": ("ADDifT", "Multi-ADDifT"),
+    "tt_leco_objective": ("iLECO",),
+}
+
+
+@pytest.fixture(scope="module")
+def mode_inputs(workdir):
+    """Two same-size images for Difference/ADDifT and a folder of pairs (x.png + x_blue.png) for Multi-ADDifT."""
+    from PIL import Image
+
+    rings = draw_demo_images(workdir / "mode_images", count=2, seed=3)
+    pairs = draw_demo_images(workdir / "mode_pairs", count=2, seed=4)
+    for p in sorted(pairs.glob("ring_??.png")):
+        r, g, b = Image.open(p).convert("RGB").split()
+        Image.merge("RGB", (b, g, r)).save(p.with_name(p.stem + "_blue.png"))  # orange rings turn blue
+    return {"original": rings / "ring_00.png", "target": rings / "ring_01.png", "pairs": pairs}
+
+
+def _pick_mode(page, mode: str) -> None:
+    page.locator("#tt_mode").get_by_label(mode, exact=True).check()
+    for elem_id, modes in MODE_INPUTS.items():
+        page.locator(f"#{elem_id}").wait_for(state="visible" if mode in modes else "hidden", timeout=30_000)
+
+
+def _upload(page, elem_id: str, path: Path) -> None:
+    page.locator(f"#{elem_id} input[type=file]").first.set_input_files(str(path))
+    page.locator(f"#{elem_id} img").first.wait_for(state="visible", timeout=30_000)
+
+
+def _queue_rows(page) -> dict[str, list[str]]:
+    """The Queue list as shown: save name -> [job, name, mode, status, result]."""
+    rows = page.eval_on_selector_all(  # gradio 6 draws the rows as ARIA grid rows (the <table> only sizes them)
+        "#tt_queue_table [role=row]",
+        "rows => rows.map(r => Array.from(r.querySelectorAll('[role=gridcell]')).map(c => c.innerText.trim()))")
+    return {r[1]: r for r in rows if len(r) >= 5}
+
+
+def _pixels(path) -> bytes:
+    from PIL import Image
+
+    return Image.open(path).convert("RGB").tobytes()
+
+
+def _check_lora_file(path: Path, mode: str, steps: int) -> None:
+    from safetensors import safe_open
+
+    assert path.is_file(), f"{mode}: {path} was not written"
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+        down = f.get_tensor(next(k for k in keys if k.endswith(".lora_down.weight")))
+    assert keys and all(re.fullmatch(r"lora_(unet|te)_\w+\.(lora_down\.weight|lora_up\.weight|alpha)", k)
+                        for k in keys), (path, keys[:5])
+    assert any(k.startswith("lora_unet_down_blocks_") for k in keys), (path, keys[:5])
+    # only LoRA trains the text encoder (BASE is ticked); the other modes encode their prompts once
+    assert any(k.startswith("lora_te_") for k in keys) == (mode == "LoRA"), (path, mode)
+    assert down.shape[0] == 4, (path, down.shape)  # network_rank of the preset
+    assert meta["ss_output_name"] == path.stem and meta["ss_network_module"] == "networks.lora", meta
+    assert meta["ss_steps"] == str(steps), (path, meta["ss_steps"], steps)
+    assert f"TrainTrain mode: {mode}" in meta["ss_training_comment"], meta["ss_training_comment"]
+
+
+def test_every_mode_trains_from_the_tab(chromium_browser, ui_server, workdir, prepared, mode_inputs, artifacts):
+    context = chromium_browser.new_context(viewport={"width": 1400, "height": 1600})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    out = workdir / "output"
+    t0 = time.time()
+    try:
+        page.goto(ui_server, wait_until="domcontentloaded")
+        page.wait_for_selector("#tt_start", timeout=60_000)
+        _wait_text(page, "tt_status", r"^Idle", 30)
+        assert not _plot_image(page, "tt_live_plot").count()
+        page.click("#tt_preset_refresh")
+        page.wait_for_timeout(500)
+        _choose(page, "tt_preset", "browser_small")
+        page.click("#tt_preset_load")
+        _wait_text(page, "tt_message", r"Loaded preset browser_small \(LoRA\)", 30)
+        jobs = {}
+
+        def queue(mode: str, start: bool = False) -> None:
+            name, steps = MODE_JOBS[mode]
+            _fill(page, "tt_save_lora_name", name)
+            _fill(page, "tt_train_iterations", str(steps))
+            page.click("#tt_start" if start else "#tt_queue_add")
+            verb = rf"Started {name} \(job (\d+), {mode}\)" if start else rf"Added {name} to the queue \(job (\d+)\)"
+            jobs[mode] = int(re.search(verb, _wait_text(page, "tt_message", verb, 30)).group(1))
+
+        # LoRA: the data folder; Start Training; the status line and the live plot follow it
+        _pick_mode(page, "LoRA")
+        assert _text(page, "tt_lora_data_directory") == str(prepared)
+        queue("LoRA", start=True)
+        _wait_text(page, "tt_status", rf"^Training m_lora \(job {jobs['LoRA']}\) · step \d+/30 · loss ", 120)
+        _plot_image(page, "tt_live_plot").first.wait_for(state="visible", timeout=120_000)
+        page.screenshot(path=artifacts / "modes_01_lora.png")
+
+        # iLECO: the prompts (and no images, no data folder)
+        _pick_mode(page, "iLECO")
+        _fill(page, "tt_original_prompt", "orange ring")
+        _fill(page, "tt_target_prompt", "blue ring")
+        queue("iLECO")
+        page.screenshot(path=artifacts / "modes_02_ileco.png")
+
+        # Difference: the two images (uploaded), save the copier, the 2nd pass with its own step count
+        _pick_mode(page, "Difference")
+        _fill(page, "tt_original_prompt", "")
+        _fill(page, "tt_target_prompt", "")
+        _upload(page, "tt_original_image", mode_inputs["original"])
+        _upload(page, "tt_target_image", mode_inputs["target"])
+        page.locator("#tt_diff_save_1st_pass input[type=checkbox]").check()
+        page.locator("#tt_second_acc").click()
+        page.click("#tt_copy_first")
+        page.wait_for_function(
+            "() => document.querySelector('#tt2_use_2nd_pass_settings input[type=checkbox]').checked", timeout=30_000)
+        _wait_text(page, "tt2_train_iterations", r"^3$", 30)
+        _fill(page, "tt2_train_iterations", str(DIFF_PASS2_STEPS))
+        queue("Difference")
+        page.screenshot(path=artifacts / "modes_03_difference.png", full_page=True)
+
+        # ADDifT: the same two image inputs, still holding the pair; remove it and upload it the other way round
+        _pick_mode(page, "ADDifT")
+        for elem_id, src in (("tt_original_image", "target"), ("tt_target_image", "original")):
+            page.locator(f"#{elem_id} button[aria-label='Remove Image']").click()
+            page.locator(f"#{elem_id} img").first.wait_for(state="detached", timeout=30_000)
+            _upload(page, elem_id, mode_inputs[src])
+        queue("ADDifT")
+        page.screenshot(path=artifacts / "modes_04_addift.png")
+
+        # Multi-ADDifT: a data folder of pairs and the target suffix
+        _pick_mode(page, "Multi-ADDifT")
+        _fill(page, "tt_lora_data_directory", str(mode_inputs["pairs"]))
+        _fill(page, "tt_diff_target_name", "_blue")
+        queue("Multi-ADDifT")
+        page.click("#tt_queue_run")  # in case the queue ran dry between two additions
+        _wait_text(page, "tt_message", r"^(The queue is already running|Running the queue \(\d+ job)", 30)
+        page.screenshot(path=artifacts / "modes_05_queued.png")
+
+        # each job's result in the Queue list
+        deadline = time.time() + 240
+        rows: dict[str, list[str]] = {}
+        while time.time() < deadline:
+            rows = _queue_rows(page)
+            if all(rows.get(n, ["", "", "", "queued"])[3] in ("done", "failed", "stopped")
+                   for n, _ in MODE_JOBS.values()):
+                break
+            page.wait_for_timeout(500)
+        for mode, (name, _steps) in MODE_JOBS.items():
+            row = rows.get(name)
+            assert row is not None, f"{name} is not in the Queue list: {rows}"
+            assert row[:4] == [str(jobs[mode]), name, mode, "done"], row
+            assert re.match(rf"Saved .*{name}\.safetensors", row[4]), row
+        last = max(jobs.values())
+        last_name = next(MODE_JOBS[m][0] for m, j in jobs.items() if j == last)
+        _wait_text(page, "tt_status", rf"^Idle · last: {last_name} \(job {last}\) done: Saved ", 30)
+        assert _plot_image(page, "tt_live_plot").first.is_visible()
+        page.screenshot(path=artifacts / "modes_06_done.png")
+
+        # the files each mode must write, in the kohya layout
+        for mode, (name, steps) in MODE_JOBS.items():
+            _check_lora_file(out / f"{name}.safetensors", mode, DIFF_PASS2_STEPS if mode == "Difference" else steps)
+        _check_lora_file(out / "m_diff_copy.safetensors", "Difference", MODE_JOBS["Difference"][1])
+        saved = json.loads((workdir / "jsons" / "queue.json").read_text(encoding="utf-8"))
+        by_name = {j["name"]: j for j in saved["jobs"]}
+        assert all(by_name[n]["status"] == "done" for n, _ in MODE_JOBS.values()), by_name
+        # the jobs kept the images uploaded in the page (ADDifT's the other way round) and the panel's values
+        for name, kept in (("m_diff", ("original", "target")), ("m_addift", ("target", "original"))):
+            settings = by_name[name]["settings"]
+            for attr, src in zip(("original image", "target image"), kept):
+                assert _pixels(settings[attr]) == _pixels(mode_inputs[src]), (name, attr, settings[attr])
+        assert by_name["m_diff"]["settings"]["diff_save_1st_pass"] is True
+        assert by_name["m_diff"]["settings"]["2nd pass"]["train_iterations"] == str(DIFF_PASS2_STEPS)
+        assert by_name["m_multi"]["settings"]["diff_target_name"] == "_blue"
+        assert by_name["m_ileco"]["settings"]["original prompt"] == "orange ring"
+        assert not errors, errors
+    finally:
+        page.screenshot(path=artifacts / "modes_99_last.png", full_page=True)
+        context.close()
+        print(f"every-mode browser test: {time.time() - t0:.1f} s")
