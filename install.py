@@ -6,7 +6,9 @@ numpy, Pillow, safetensors, ...) is never upgraded or downgraded: a package that
 version is left alone, gradio is never installed here (the Web-UI brings its own), and every pip
 call runs with a constraints file pinning each installed distribution to its installed version, so
 a new package can never pull in a different version of one the Web-UI has (pip then refuses
-instead). diffusers is capped below 0.40 beside transformers older than 4.41 (A1111 pins 4.30.2).
+instead). diffusers is capped below 0.37 beside transformers older than 4.48 (A1111 pins 4.30.2):
+diffusers 0.37+ imports ``transformers.Dinov2WithRegistersConfig`` (new in 4.48) as soon as its models
+are imported, so ``from diffusers import AutoencoderKL`` fails there (seen in a real A1111 1.10.1).
 """
 import importlib.metadata
 import os
@@ -19,6 +21,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Provided by the Web-UI: never touched by this hook, whatever requirements.txt says.
 WEBUI_OWNED = {"torch", "torchvision", "gradio", "transformers", "numpy", "pillow", "safetensors", "accelerate",
                "pydantic", "fastapi", "xformers"}
+# (transformers below this, diffusers below this): diffusers 0.37 imports Dinov2WithRegistersConfig
+# (transformers 4.48) from diffusers.models.autoencoders at import time
+DIFFUSERS_CAP = ((4, 48), "0.37")
 
 
 def requirements(path=os.path.join(HERE, "requirements.txt")):
@@ -71,8 +76,8 @@ def main():
                 tf = importlib.metadata.version("transformers")
             except importlib.metadata.PackageNotFoundError:
                 tf = None
-            if tf and _version_tuple(tf) < (4, 41):
-                req = req + ",<0.40"
+            if tf and _version_tuple(tf) < DIFFUSERS_CAP[0]:
+                req = req + f",<{DIFFUSERS_CAP[1]}"
         missing.append(req)
     if not missing:
         return

@@ -299,11 +299,16 @@ def test_install_adds_only_what_is_missing_and_never_the_webuis_packages(monkeyp
 
 
 def test_install_caps_diffusers_beside_the_webuis_old_transformers(monkeypatch):
+    """A real A1111 1.10.1 (transformers 4.30.2) got diffusers 0.37.1 under the old cap (<0.40), and the first
+    training failed: diffusers 0.37+ imports transformers.Dinov2WithRegistersConfig (4.48+) with its models.
+    0.36 imports and trains there."""
     _, calls = _run_install(set(), monkeypatch, transformers_version="4.30.2")
     diffusers = [c for c in calls if '"diffusers' in c]
-    assert len(diffusers) == 1 and "<0.40" in diffusers[0]
-    _, calls = _run_install(set(), monkeypatch, transformers_version="4.46.1")
-    assert "<0.40" not in next(c for c in calls if '"diffusers' in c)
+    assert len(diffusers) == 1 and diffusers[0].endswith(',<0.37"'), diffusers
+    _, calls = _run_install(set(), monkeypatch, transformers_version="4.46.1")  # Forge's pin (it brings diffusers)
+    assert ",<0.37" in next(c for c in calls if '"diffusers' in c)
+    _, calls = _run_install(set(), monkeypatch, transformers_version="4.48.0")
+    assert "<0." not in next(c for c in calls if '"diffusers' in c)
 
 
 def test_install_pins_every_installed_distribution(monkeypatch):
