@@ -220,6 +220,30 @@ def test_a_job_trains_into_the_lora_folder_with_webui_progress(webui, tmp_path):
     assert shared.sd_model.placement == "device"
 
 
+def test_a_failed_jobs_traceback_reaches_the_webuis_console(webui, tmp_path, monkeypatch, capsys):
+    """A1111 configures no logging by default (logging.info is dropped): the tab's queue prints its lines,
+    so the traceback that the tab's message points to ("look up to see its traceback") is in the console."""
+    import logging
+
+    from trainer.ui import TrainTrainUI
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in A1111 without --loglevel
+    host = _host(tmp_path)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom in the model loading")
+
+    monkeypatch.setattr(host, "_components", boom)
+    ui = TrainTrainUI(host)
+    ui.queue.add(_small_cfg(_images(tmp_path), "console_job", 1))
+    ui.queue.start()
+    assert ui.queue.wait(60)
+    out = capsys.readouterr().out
+    assert "TrainTrain: job 1 (console_job, LoRA) started" in out
+    assert "Traceback (most recent call last)" in out and "RuntimeError: boom in the model loading" in out
+    assert "TrainTrain: job 1 (console_job) failed: Error: boom in the model loading" in out
+
+
 def test_the_webui_interrupt_stops_training_and_saves(webui, tmp_path):
     from modules import shared
 

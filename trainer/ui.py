@@ -99,7 +99,9 @@ class TrainTrainUI:
         self.host = host
         paths = host.paths()
         self.paths = paths
-        self.queue = queue if queue is not None else JobQueue(paths.json_dir, host_runner(host))
+        # the host may say where the queue's console lines go (the Web-UI: its console)
+        self.queue = queue if queue is not None else JobQueue(paths.json_dir, host_runner(host),
+                                                              console=getattr(host, "console", None))
         self.lang = lang or getattr(host, "lang", "en")
         workdir = Path(getattr(host, "workdir", ROOT))
         self.user_preset_dir = Path(user_preset_dir) if user_preset_dir else workdir / "presets"

@@ -241,6 +241,14 @@ class WebUIHost:
         else:
             sd_models.reload_model_weights()
 
+    # --- console --------------------------------------------------------------------------------
+    @staticmethod
+    def console(message: str) -> None:
+        """The queue's console lines (job started / finished, a failed job's traceback) go to the Web-UI's
+        console. A1111 sets up no logging unless ``--loglevel`` is given, so ``logging.info`` is dropped there
+        (a real A1111 1.10.1 showed "look up to see its traceback" in the tab and no traceback anywhere)."""
+        print(message, flush=True)
+
     # --- progress and interrupt -----------------------------------------------------------------
     def on_progress(self, p) -> None:
         shared, _, _, _ = _modules()
