@@ -88,7 +88,10 @@ def test_session_reuses_the_loaded_weights_frees_and_restores(webui, tmp_path, t
     host = _host(tmp_path)
     reference = tiny_components()
     loaded = shared.sd_model
+    shared.state.sampling_steps = 20  # left by the last txt2img (A1111's state.begin does not reset it)
     with host.session(Config.defaults(), _Control()) as comps:
+        # /sdapi/v1/progress shows this job's step count from the start, not the last generation's
+        assert (shared.state.sampling_step, shared.state.sampling_steps) == (0, Config.defaults().train_iterations)
         assert call_queue.queue_lock.locked()  # no generation while training
         assert loaded.placement == "cpu"  # the Web-UI's copy is off the device
         assert shared.state.job == "TrainTrain"

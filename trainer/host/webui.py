@@ -149,6 +149,12 @@ class WebUIHost:
         with call_queue.queue_lock:
             shared.state.begin(job="TrainTrain")
             shared.state.job_count = 1
+            # begin() keeps the last generation's sampling_steps: show this job's steps from the start
+            shared.state.sampling_step = 0
+            try:
+                shared.state.sampling_steps = int(cfg.train_iterations)
+            except (AttributeError, TypeError, ValueError):
+                shared.state.sampling_steps = 0
             shared.state.textinfo = f"TrainTrain: preparing {cfg.save_lora_name}"
             model = self._loaded_model()
             moved: list = []  # set as soon as the model is moved, so an error after that still restores it
