@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Two threads on a shared 2-core machine make torch steps collapse; tests use one.
@@ -8,3 +9,26 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The mode-effect tests wait for trainings that run in the background (tests/_effect_jobs.py):
+    start them now and run those tests last, so the trainings overlap the rest of the suite."""
+    effects = [i for i in items if i.path.name == "test_mode_effects.py"]
+    if not effects or config.option.collectonly:
+        return
+    items[:] = [i for i in items if i.path.name != "test_mode_effects.py"] + effects
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _effect_jobs
+
+    _effect_jobs.start(workers=2 if len(effects) == len(items) else 1)
+
+
+@pytest.fixture(scope="session")
+def world_model():
+    """The model that has learned a small world (tests/world.py), shared by the whole session:
+    never change its weights (apply networks and remove them again)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import world
+
+    return world.load_world_model()
