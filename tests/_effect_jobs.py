@@ -48,6 +48,8 @@ class Job:
 JOBS = {
     "ileco_red_to_blue": Job("iLECO.json", ("--original-prompt", "red", "--target-prompt", "blue")),
     "ileco_erase_red": Job("iLECO.json", ("--original-prompt", "red", "--target-prompt", "")),
+    "leco_erase_red": Job("iLECO.json", ("--original-prompt", "red", "--target-prompt", ""),
+                          ("leco_objective=erase", "leco_guidance_scale=1"), "the full LECO objective instead"),
     "difference": Job("Difference.json", ("--original-image", "{dir}/red.png", "--target-image", "{dir}/blue.png"),
                       ("train_iterations=150",), "150 steps per pass instead of 500 (time)"),
     "addift": Job("ADDifT_Action_SD1.5.json",

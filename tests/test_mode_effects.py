@@ -100,16 +100,18 @@ def test_ileco_turns_red_into_blue_and_leaves_green(world_model):
     assert abs(n["green_blue_gain"]) < n["blue_gain"] / 5, n
 
 
-def test_ileco_erase_takes_the_red_away(world_model):
-    net = trained("ileco_erase_red", world_model)
-    red = samples(world_model, RED, net, "ileco_erase_red")
-    green = samples(world_model, ["green", "a green"], net, "ileco_erase_red_green", seed=1)
+@pytest.mark.parametrize("job", ["ileco_erase_red", "leco_erase_red"])
+def test_erase_takes_the_red_away(world_model, job):
+    net = trained(job, world_model)
+    red = samples(world_model, RED, net, job)
+    green = samples(world_model, ["green", "a green"], net, f"{job}_green", seed=1)
     n = dict(red_share_1=share(red[1], "red"), red_drop=score(red[0], "red") - score(red[1], "red"),
              green_share_1=share(green[1], "green"),
              green_change=abs(score(green[1], "green") - score(green[0], "green")))
-    report("ileco_erase_red", **n)
-    # measured: red share 1.0 -> 0.625 (the erased prompt draws what "" draws: any colour), red
-    # score -0.37; green prompts all still green, their green score changed 0.015
+    report(job, **n)
+    # measured (iLECO / LECO erase objective): red share 1.0 -> 0.625 / 0.0 (iLECO's erased prompt
+    # draws what "" draws: any colour; LECO's pushes away from red), red score -0.37 / -1.10; green
+    # prompts all still green, their green score changed 0.015 / 0.040
     assert n["red_share_1"] <= 0.75, n
     assert n["red_drop"] > 0.2, n
     assert n["green_share_1"] >= 0.875, n
