@@ -325,3 +325,31 @@ def test_help_texts_follow_the_language(tmp_path):
     rank = next(s for s in SETTINGS if s.name == "network_rank")
     assert by_id["tt_network_rank"].info == rank.help_ja
     assert TrainTrainUI(host, lang="en", queue=u.queue).lang == "en"
+
+
+def test_uploaded_images_pass_gradio_even_with_forges_save_pil_to_cache(ui, images, monkeypatch):
+    """Forge (modules/ui_tempdir.py) replaces gradio's processing_utils.save_pil_to_cache with
+    save_pil_to_file(pil_image, cache_dir=None, format="png"): no name=. gradio 4+ calls it with name= to
+    preprocess gr.Image(type="filepath"), so in a real Forge every Difference/ADDifT job failed inside gradio
+    (TypeError) before the tab's handler ran. The image widgets take PIL images, saved by the tab itself."""
+    from PIL import Image
+    from gradio import processing_utils
+
+    def forge_save_pil_to_file(pil_image, cache_dir=None, format="png"):  # Forge's signature
+        raise AssertionError("the tab's images must not go through save_pil_to_cache")
+
+    monkeypatch.setattr(processing_utils, "save_pil_to_cache", forge_save_pil_to_file)
+    w = ui.widgets
+    assert w["original_image"].type == "pil" and w["target_image"].type == "pil"
+    src = sorted(Path(images).glob("*.png"))
+    payload = [w["original_image"].data_model(path=str(p), orig_name=p.name) for p in src[:2]]
+    pil = [w[n].preprocess(p) for n, p in zip(("original_image", "target_image"), payload)]
+    assert all(isinstance(x, Image.Image) and x.mode == "RGBA" for x in pil)
+    cfg = Config.load_preset(ROOT / "presets" / "Difference.json").with_overrides({"save_lora_name": "pair"})
+    vals = values_for(ui, cfg, original_image=pil[0], target_image=pil[1])
+    msg = ui.add_to_queue(*vals)[0]
+    assert msg.startswith("Added pair to the queue"), msg
+    kept = ui.queue.jobs()[0].config()
+    for attr, p in zip(("original_image", "target_image"), src):
+        with Image.open(getattr(kept, attr)) as a, Image.open(p) as b:
+            assert a.convert("RGBA").tobytes() == b.convert("RGBA").tobytes()

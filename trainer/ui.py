@@ -12,7 +12,9 @@ a timer polls the queue for the live status line and the live loss plot.
 from __future__ import annotations
 
 import csv
+import hashlib
 import inspect
+import io
 import os
 import shutil
 import tempfile
@@ -550,9 +552,11 @@ class TrainTrainUI:
                                              elem_id="tt_negative_prompt")
         with _make(gr.Column, visible=mode in PAIR_MODES, elem_id="tt_images") as w["image_group"]:
             with gr.Row():
-                w["original_image"] = _make(gr.Image, label="Original image", type="filepath", image_mode="RGBA",
+                # type="pil", not "filepath": Forge replaces gradio 4's save_pil_to_cache with a function
+                # without its name= argument, so a "filepath" image fails in gradio before any handler runs
+                w["original_image"] = _make(gr.Image, label="Original image", type="pil", image_mode="RGBA",
                                             elem_id="tt_original_image")
-                w["target_image"] = _make(gr.Image, label="Target image", type="filepath", image_mode="RGBA",
+                w["target_image"] = _make(gr.Image, label="Target image", type="pil", image_mode="RGBA",
                                           elem_id="tt_target_image")
         pass1: dict[str, Any] = {}
         _make(gr.Markdown, "### Required parameters")
@@ -635,12 +639,30 @@ def _quiet(listener) -> dict:
 
 
 def _image_path(value: Any) -> str:
-    """gr.Image(type="filepath") gives a path (gradio 3/4/6); tolerate a dict with "path"/"name"."""
+    """A path for an image widget's value: gr.Image(type="pil") gives a PIL image (saved here as a PNG
+    named by its content, the queue then copies it); a path, or a dict with "path"/"name", is kept."""
+    if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image
+        return _save_upload(value)
     if not value:
         return ""
     if isinstance(value, dict):
         value = value.get("path") or value.get("name") or ""
     return str(value)
+
+
+def _save_upload(img) -> str:
+    """``img`` as a PNG in the temp folder's traintrain-uploads/, named by its bytes (the same image, the same file)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = buf.getvalue()
+    folder = Path(tempfile.gettempdir()) / "traintrain-uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha1(data).hexdigest()[:20]}.png"
+    if not path.is_file():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path)
 
 
 def _write_history_csv(path: Path, name: str, history: list) -> None:
