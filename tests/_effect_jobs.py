@@ -121,8 +121,18 @@ def _run(name: str, folder: Path) -> Result:
         return Result(**json.loads(saved.read_text()))
     env = {**os.environ, "TT_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     t = time.time()
-    p = subprocess.run(command(name, folder), cwd=folder, env=env, capture_output=True, text=True, timeout=1200)
-    res = Result(p.returncode, p.stdout, p.stderr, time.time() - t)
+    with _LOCK:
+        if _STATE.get("stopped"):
+            return Result(-1, "", "stopped: the test session ended first", 0.0)
+        p = subprocess.Popen(command(name, folder), cwd=folder, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        _STATE["running"].add(p)
+    try:
+        out, err = p.communicate(timeout=1200)
+    finally:
+        with _LOCK:
+            _STATE["running"].discard(p)
+    res = Result(p.returncode, out, err, time.time() - t)
     if KEEP and res.returncode == 0:
         saved.write_text(json.dumps(dataclasses.asdict(res)))
     return res
@@ -147,6 +157,7 @@ def start(workers: int = 1) -> None:
             atexit.register(shutil.rmtree, folder, True)
         write_inputs(folder)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="effect-job")
+        _STATE["running"] = set()
         _STATE["futures"] = {name: pool.submit(_run, name, folder) for name in JOBS}
         _STATE["pool"] = pool
 
@@ -156,3 +167,16 @@ def result(name: str) -> Result:
     start(workers=2)
     fut: Future = _STATE["futures"][name]
     return fut.result()
+
+
+def stop() -> None:
+    """End of the test session: cancel the jobs not started and kill the running ones, so that a
+    run which did not need them (-k, -x, a failure) does not wait minutes for them."""
+    with _LOCK:
+        if "futures" not in _STATE:
+            return
+        _STATE["stopped"] = True
+        for fut in _STATE["futures"].values():
+            fut.cancel()
+        for p in _STATE["running"]:
+            p.kill()

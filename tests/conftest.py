@@ -11,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(session, config, items):
     """The mode-effect tests wait for trainings that run in the background (tests/_effect_jobs.py):
     start them now and run those tests last, so the trainings overlap the rest of the suite."""
@@ -22,6 +23,12 @@ def pytest_collection_modifyitems(session, config, items):
     import _effect_jobs
 
     _effect_jobs.start(workers=2 if len(effects) == len(items) else 1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    jobs = sys.modules.get("_effect_jobs")
+    if jobs is not None:
+        jobs.stop()
 
 
 @pytest.fixture(scope="session")
