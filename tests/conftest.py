@@ -8,7 +8,9 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TESTS))  # the repo: `import trainer`
+sys.path.insert(0, TESTS)  # the test helpers: `import world`, `import _effect_jobs`
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
@@ -19,7 +21,6 @@ def pytest_collection_modifyitems(session, config, items):
     if not effects or config.option.collectonly:
         return
     items[:] = [i for i in items if i.path.name != "test_mode_effects.py"] + effects
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _effect_jobs
 
     _effect_jobs.start(workers=2 if len(effects) == len(items) else 1)
@@ -35,7 +36,6 @@ def pytest_sessionfinish(session, exitstatus):
 def world_model():
     """The model that has learned a small world (tests/world.py), shared by the whole session:
     never change its weights (apply networks and remove them again)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import world
 
     return world.load_world_model()

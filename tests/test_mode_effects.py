@@ -62,9 +62,15 @@ def outline_iou(a, b) -> float:
     return float(((ma & mb).sum((1, 2)) / (ma | mb).sum((1, 2)).clamp_min(1)).mean())
 
 
-def shape_kept(a, b) -> float:
-    """Share of images whose shape class (tests/world.py) is the same in both sets."""
-    return sum(x == y for x, y in zip(world.classify_shape(a), world.classify_shape(b))) / len(a)
+def kept(a, b, classify=world.classify_shape) -> float:
+    """Share of images whose class (shape, or colour with world.classify_colour) is the same in both sets."""
+    return sum(x == y for x, y in zip(classify(a), classify(b))) / len(a)
+
+
+def on_grey(images) -> float:
+    """Share of images whose background is the world's grey."""
+    grey = torch.tensor(world.BACKGROUNDS["grey"]) / 255
+    return float(((world.background_colour(images) - grey).abs().max(dim=1).values < 0.1).float().mean())
 
 
 def background_shift(a, b) -> float:
@@ -129,7 +135,7 @@ def test_pair_lora_moves_the_colour_and_keeps_the_rest(world_model, job):
     n = dict(blue_share_0=share(free[0], "blue"), blue_share_1=share(free[1], "blue"),
              blue_gain=score(free[1], "blue") - score(free[0], "blue"),
              background_shift=background_shift(free[0], free[1]), outline_iou=outline_iou(free[0], free[1]),
-             shape_kept=shape_kept(free[0], free[1]), green_share_1=share(green[1], "green"),
+             shape_kept=kept(free[0], free[1]), green_share_1=share(green[1], "green"),
              # the same measures between two seeds of the base model: what "unrelated" looks like
              seeds_background_shift=background_shift(free[0][::2], free[0][1::2]),
              seeds_outline_iou=outline_iou(free[0][::2], free[0][1::2]))
@@ -153,12 +159,9 @@ def test_lora_teaches_a_concept_behind_its_trigger_word(world_model):
     net = trained("lora_trigger", world_model)
     sks = samples(world_model, ["sks circle", "sks square", "sks triangle"], net, "lora_trigger")
     others = samples(world_model, ["red circle", "green square"], net, "lora_trigger_others", seed=1)
-    grey = torch.tensor(world.BACKGROUNDS["grey"]) / 255
-    on_grey = lambda imgs: float(((world.background_colour(imgs) - grey).abs().max(dim=1).values < 0.1).float().mean())  # noqa: E731
     n = dict(blue_share_0=share(sks[0], "blue"), blue_share_1=share(sks[1], "blue"),
              grey_0=on_grey(sks[0]), grey_1=on_grey(sks[1]),
-             others_kept=sum(a == b for a, b in zip(world.classify_colour(others[0]),
-                                                    world.classify_colour(others[1]))) / len(others[0]))
+             others_kept=kept(others[0], others[1], world.classify_colour))
     report("lora_trigger", **n)
     # measured: blue share for "sks ..." 0.0 -> 0.67; on grey 0.50 -> 0.58; other prompts' colour kept 1.0
     assert n["blue_share_1"] - n["blue_share_0"] >= 0.4, n

@@ -125,6 +125,7 @@ class Runner(Protocol):
 def _atomic_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
 
+
 class JobQueue:
     """Ordered, persisted training jobs, run one at a time by a worker thread."""
 

@@ -17,14 +17,13 @@ the batch it was drawn in, nor on the device. Everything runs under ``torch.no_g
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+from .atomic import atomic_write
 from .diffusion import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 from .models.families import Family
 
@@ -296,18 +295,7 @@ def make_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2, sc
 
 
 def _atomic_save(img, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_images(images: torch.Tensor, folder: Union[str, Path], prefix: str = "sample") -> list[Path]:

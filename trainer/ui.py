@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import gradio as gr
 
+from .atomic import atomic_write
 from .config import (
     MODES,
     SETTINGS,
@@ -655,13 +656,9 @@ def _save_upload(img) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     data = buf.getvalue()
-    folder = Path(tempfile.gettempdir()) / "traintrain-uploads"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{hashlib.sha1(data).hexdigest()[:20]}.png"
+    path = Path(tempfile.gettempdir()) / "traintrain-uploads" / f"{hashlib.sha1(data).hexdigest()[:20]}.png"
     if not path.is_file():
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return str(path)
 
 

@@ -100,9 +100,6 @@ def _cache_root() -> Path:
     return root / "traintrain" / "clip_tokenizer"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
 @lru_cache(maxsize=None)
 def tokenizer_folder() -> Path:
     """Folder holding vocab.json + merges.txt built from the BPE file (created once)."""
@@ -114,8 +111,8 @@ def tokenizer_folder() -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab_and_merges(bpe)
-    _atomic_write(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
-    _atomic_write(vocab_file, json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write_text(vocab_file, json.dumps(vocab, ensure_ascii=False))
     return folder
 
 

@@ -201,7 +201,6 @@ class MultiADDifTMode(_ADDifTObjective):
         yield Pass(pass_cfg, self.loss, cfg.save_lora_name, train_text_encoder=False)
 
     def loss(self, step: int) -> torch.Tensor:
-        run = self.run
         idx = next(self.batcher)
         x_o = torch.stack([self.orig[i] for i in idx])
         x_g = torch.stack([self.targ[i] for i in idx])
