@@ -119,6 +119,16 @@ def _valid(s):
         return st.none() | st.floats(min_value=1e-12, max_value=1.0)
     if s.name == "train_seed":
         return st.integers(-1, 2 ** 32 - 1)
+    if s.name == "sample_multipliers":
+        return st.lists(st.floats(-10, 10), max_size=12).map(tuple)
+    if s.name == "sample_seed":
+        return st.lists(st.integers(0, 2 ** 32 - 1), min_size=1, max_size=8).map(tuple)
+    if s.name == "sample_size":
+        side = st.integers(8, 512).map(lambda v: v * 8)
+        return st.none() | st.tuples(side, side)
+    if s.name == "sample_prompts":  # one prompt a line: lines are stripped, empty ones dropped
+        line = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=20)
+        return st.lists(line.map(str.strip).filter(bool), max_size=4).map("\n".join)
     if s.type is bool:
         return st.booleans()
     if s.choices is not None and s.strict_choices:

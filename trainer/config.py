@@ -31,7 +31,7 @@ __all__ = [
     "MODES", "PANELS", "BLOCK_IDS", "NETWORK_TYPES", "NETWORK_RANKS", "NETWORK_ALPHAS",
     "NETWORK_CONV_RANKS", "NETWORK_CONV_ALPHAS", "NETWORK_ELEMENTS", "IMAGE_BUCKET_STEPS",
     "OPTIMIZERS", "SCHEDULE_FREE_OPTIMIZERS", "LR_SCHEDULERS", "LOSS_FUNCTIONS",
-    "MODEL_PRECISIONS", "LORA_PRECISIONS", "SAVE_PRECISIONS", "VAE_PRECISIONS", "LECO_OBJECTIVES",
+    "MODEL_PRECISIONS", "LORA_PRECISIONS", "SAVE_PRECISIONS", "VAE_PRECISIONS", "LECO_OBJECTIVES", "SAMPLE_SAMPLERS",
     "Setting", "SettingError", "SETTINGS", "ORIGINAL_SETTINGS", "ADDED_SETTINGS", "SETTINGS_BY_NAME",
     "get_setting", "settings_for_mode", "parse_kwargs_string", "format_kwargs_string",
     "Config", "load_preset", "save_preset", "describe_settings", "add_arguments", "apply_args",
@@ -317,6 +317,8 @@ class Setting:
 
     # -- allowed values, for messages and --list-settings -------------------------------------
     def allowed(self) -> str:
+        if self.name in _SAMPLE_ALLOWED:
+            return _SAMPLE_ALLOWED[self.name]
         if self.choices is not None and self.strict_choices:
             text = ", ".join(_fmt_choice(c) for c in self.choices)
             if self.type is tuple and self.name == "network_blocks":
@@ -592,6 +594,114 @@ def _parse_step_rules(s: Setting, raw: Any) -> str:
     return text
 
 
+# -- sample settings (previews during training) --------------------------------------------------
+
+SAMPLE_SAMPLERS: tuple[str, ...] = ("euler", "ddim")
+_MAX_SAMPLE_PROMPTS = 16
+_MAX_SAMPLE_SEEDS = 8
+_MAX_SAMPLE_MULTIPLIERS = 12
+_SAMPLE_ALLOWED = {
+    "sample_multipliers": f"numbers from -10 to 10 separated by commas, at most {_MAX_SAMPLE_MULTIPLIERS}; "
+                          "empty = the mode's default",
+    "sample_seed": f"whole numbers from 0 to {2 ** 32 - 1} separated by commas, at most {_MAX_SAMPLE_SEEDS}",
+    "sample_prompts": f"text, one prompt a line, at most {_MAX_SAMPLE_PROMPTS}",
+    "sample_size": '"N" or "H,W", multiples of 8 from 64 to 4096; empty = the training size',
+}
+
+
+def _sample_items(s: Setting, raw: Any) -> list:
+    """A list, or text separated by commas, semicolons or spaces -> its items."""
+    if isinstance(raw, (list, tuple)):
+        return list(raw)
+    if isinstance(raw, bool):
+        raise s.error(raw, "is not a list of numbers")
+    if isinstance(raw, (int, float)):
+        return [raw]
+    if isinstance(raw, str):
+        return [p for p in re.split(r"[,;\s]+", raw.strip()) if p]
+    raise s.error(raw, "is not a list of numbers")
+
+
+def _parse_sample_multipliers(s: Setting, raw: Any) -> tuple[float, ...]:
+    items = _sample_items(s, raw)
+    if len(items) > _MAX_SAMPLE_MULTIPLIERS:
+        raise s.error(raw, f"has more than {_MAX_SAMPLE_MULTIPLIERS} multipliers")
+    out = []
+    for it in items:
+        try:
+            v = _parse_float(s, it)
+        except SettingError:
+            raise s.error(raw, f"contains {_show(it)}, which is not a number") from None
+        if abs(v) > 10:
+            raise s.error(raw, f"contains {_show(it)}, which is out of range")
+        out.append(v)
+    return tuple(out)
+
+
+def _format_numbers(v: tuple) -> str:
+    return ", ".join(_fmt_number(x) for x in v)
+
+
+def _parse_sample_seeds(s: Setting, raw: Any) -> tuple[int, ...]:
+    items = _sample_items(s, raw)
+    if len(items) > _MAX_SAMPLE_SEEDS:
+        raise s.error(raw, f"has more than {_MAX_SAMPLE_SEEDS} seeds")
+    out = []
+    for it in items:
+        try:
+            v = _parse_int(s, it)
+        except SettingError:
+            raise s.error(raw, f"contains {_show(it)}, which is not a whole number") from None
+        if not 0 <= v <= 2 ** 32 - 1:
+            raise s.error(raw, f"contains {_show(it)}, which is out of range")
+        out.append(v)
+    return tuple(out)
+
+
+def _parse_sample_prompts(s: Setting, raw: Any) -> str:
+    if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
+        raw = "\n".join(raw)
+    if not isinstance(raw, str):
+        raise s.error(raw, "is not text")
+    lines = [line.strip() for line in raw.replace("\r\n", "\n").split("\n")]
+    lines = [line for line in lines if line]
+    if len(lines) > _MAX_SAMPLE_PROMPTS:
+        raise s.error(raw, f"has {len(lines)} prompts, more than {_MAX_SAMPLE_PROMPTS}")
+    return "\n".join(lines)
+
+
+def _parse_sample_size(s: Setting, raw: Any) -> tuple[int, int]:
+    """"N" or "H,W" in pixels, multiples of 8; unlike image_size the sides keep their order."""
+    if isinstance(raw, (list, tuple)):
+        parts = list(raw)
+    elif isinstance(raw, bool):
+        raise s.error(raw, "is not a size")
+    elif isinstance(raw, (int, float)):
+        parts = [raw]
+    elif isinstance(raw, str):
+        parts = [p for p in re.split(r"[,x×*\s]+", raw.strip()) if p]
+    else:
+        raise s.error(raw, "is not a size")
+    if not 1 <= len(parts) <= 2:
+        raise s.error(raw, "is not a size")
+    sizes = []
+    for p in parts:
+        try:
+            v = _parse_int(s, p)
+        except SettingError:
+            raise s.error(raw, "is not a size") from None
+        if v < 64 or v > 4096:
+            raise s.error(raw, "is out of range")
+        if v % 8:
+            raise s.error(raw, "is not a multiple of 8")
+        sizes.append(v)
+    return (sizes[0], sizes[-1])
+
+
+def _format_sample_size(v: tuple[int, int] | None) -> str:
+    return "" if v is None else _format_image_size(v)
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------
@@ -857,6 +967,46 @@ ADDED_SETTINGS: tuple[Setting, ...] = (
     _row("latent_cache_on_disk", "checkbox", bool, True, "L,D1,A,M",
          "Keep encoded latents and text embeddings in cache/ so later runs on the same data skip encoding.",
          "エンコード済みの潜在画像とテキスト埋め込みをcacheに保存し、同じデータでの再学習を速くします。",
+         addition=True),    # ---- samples during training (issue 12): all neutral by default, so presets without them are unchanged
+    _row("sample_every_n_steps", "text", int, 0, _NOT_D2,
+         "Draw a grid of sample images every N steps, plus one before training and one at the end "
+         "(samples/<name>/). 0 = off. Sampling does not change the trained LoRA.",
+         "Nステップごとにサンプル画像のグリッドを生成します(学習前と最後にも。samples/<名前>/)。0で無効。"
+         "サンプル生成は学習結果に影響しません。", min=0, addition=True),
+    _row("sample_prompts", "text", str, "", _NOT_D2,
+         "Sample prompts, one per line. Empty = the mode's own: the trigger word and first captions (LoRA, "
+         "Multi-ADDifT), the original and target prompts (iLECO), the pair's prompts (Difference, ADDifT).",
+         "サンプル用のプロンプト(1行に1つ)。空欄ならモードに応じて自動: トリガーワードと最初のキャプション"
+         "(LoRA、Multi-ADDifT)、元とターゲットのプロンプト(iLECO)、ペアのプロンプト(Difference、ADDifT)。",
+         parser=_parse_sample_prompts, addition=True),
+    _row("sample_negative_prompt", "text", str, "", _NOT_D2,
+         "Negative prompt of the samples.",
+         "サンプル用のネガティブプロンプト。", addition=True),
+    _row("sample_multipliers", "text", tuple, (), _NOT_D2,
+         'LoRA strengths, one grid column each, e.g. "0, 0.5, 1". Empty = "0, 0.5, 1" ("-1, 0, 1" for the '
+         "ADDifT sliders).",
+         "LoRAの適用強度(グリッドの列)。例: 「0, 0.5, 1」。空欄なら「0, 0.5, 1」(スライダーのADDifTでは"
+         "「-1, 0, 1」)。",
+         parser=_parse_sample_multipliers, formatter=_format_numbers, allow_empty=True, empty_value=(),
+         addition=True),
+    _row("sample_seed", "text", tuple, (0,), _NOT_D2,
+         'Seed of the samples; several ("0, 1") give a row per prompt and seed. Separate from the training seed.',
+         "サンプルのシード。複数指定(「0, 1」)するとプロンプトとシードごとに1行。学習のシードとは別です。",
+         parser=_parse_sample_seeds, formatter=_format_numbers, allow_empty=True, empty_value=(0,),
+         addition=True),
+    _row("sample_steps", "text", int, 20, _NOT_D2,
+         "Sampling steps per image.",
+         "サンプル1枚あたりのサンプリングステップ数。", min=1, max=MAX_TIMESTEPS, addition=True),
+    _row("sample_cfg_scale", "text", float, 7.0, _NOT_D2,
+         "CFG scale of the samples (1 = no guidance, faster).",
+         "サンプルのCFGスケール(1でガイダンスなし、高速)。", min=0, max=30, addition=True),
+    _row("sample_sampler", "dropdown", str, "euler", _NOT_D2,
+         "Sampler of the samples: euler or ddim (both deterministic).",
+         "サンプルのサンプラー: euler または ddim(どちらも決定的)。", choices=SAMPLE_SAMPLERS, addition=True),
+    _row("sample_size", "text", tuple, None, _NOT_D2,
+         'Sample size in pixels: "512" or "H,W" (multiples of 8). Empty = the training size.',
+         "サンプルの大きさ(ピクセル): 「512」または「高さ,幅」(8の倍数)。空欄なら学習の解像度。",
+         parser=_parse_sample_size, formatter=_format_sample_size, allow_empty=True, empty_value=None,
          addition=True),
 )
 
