@@ -27,8 +27,10 @@ class FakeRun:
         self.stopped.set()
 
 
-def runner_for(outcomes=None, step_time=0.0, steps=3, started=None):
-    """A runner whose result depends on the job name: "fail*" raises, "bad*" returns ok=False."""
+def runner_for(outcomes=None, step_time=0.0, steps=3, started=None, hold_at=None):
+    """A runner whose result depends on the job name: "fail*" raises, "bad*" returns ok=False.
+    ``hold_at=(step, event)``: after reporting that step the job sets the event and waits for Stop, so a test
+    acts on a job that is certainly still running (no race with a fast machine finishing first)."""
     order = []
 
     def run(c, control):
@@ -51,6 +53,9 @@ def runner_for(outcomes=None, step_time=0.0, steps=3, started=None):
             from trainer.engine import Progress
 
             control.progress(Progress("train", i, n, 0.5, 0.5, (1e-4,), step_time, 0.0, c.save_lora_name))
+            if hold_at and i == hold_at[0] and not hold_at[1].is_set():  # the first job that gets there
+                hold_at[1].set()
+                fake.stopped.wait(30)
         if fake.stopped.is_set():
             return RunResult(True, f"Stopped at step {done}", [Path(f"/out/{c.save_lora_name}_{done}steps.safetensors")],
                              None, done, True)
@@ -166,20 +171,19 @@ def test_input_files_are_copied_into_the_queue_folder(tmp_path):
 
 
 def test_stop_stops_the_running_job_and_pauses_the_queue(tmp_path):
-    started = threading.Event()
-    run = runner_for(step_time=0.05, steps=1000, started=started)
+    at_step_2 = threading.Event()
+    run = runner_for(steps=1000, hold_at=(2, at_step_2))
     q = JobQueue(tmp_path, run)
     q.add(cfg("long"))
     q.add(cfg("next"))
     q.start()
-    assert started.wait(10)
-    while not q.live() or q.live().step < 2:
-        time.sleep(0.01)
+    assert at_step_2.wait(10)
+    assert q.live().step == 2
     msg = q.stop()
     assert "Stopping long (job 1)" in msg and "1 queued job(s) wait" in msg
     assert q.wait(30)
     jobs = q.jobs()
-    assert jobs[0].status == STOPPED and 2 <= jobs[0].steps < 1000 and jobs[0].files[0].endswith(f"long_{jobs[0].steps}steps.safetensors")
+    assert jobs[0].status == STOPPED and jobs[0].steps == 2 and jobs[0].files[0].endswith("long_2steps.safetensors")
     assert jobs[1].status == QUEUED  # paused, not run
     assert q.stop() == "Nothing is training"
     assert q.start() and q.wait(120)
@@ -187,10 +191,11 @@ def test_stop_stops_the_running_job_and_pauses_the_queue(tmp_path):
 
 
 def test_stop_before_the_run_exists_stops_it_as_soon_as_it_is_attached(tmp_path):
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     stopped_at_attach = []
 
     def run(c, control):
+        entered.set()
         gate.wait(10)
         fake = FakeRun(5)
         control.attach(fake)
@@ -200,7 +205,7 @@ def test_stop_before_the_run_exists_stops_it_as_soon_as_it_is_attached(tmp_path)
     q = JobQueue(tmp_path, run)
     q.add(cfg("early"))
     q.start()
-    time.sleep(0.1)
+    assert entered.wait(10)  # the job runs, its TrainingRun does not exist yet
     q.stop()
     gate.set()
     assert q.wait(10)
@@ -208,17 +213,15 @@ def test_stop_before_the_run_exists_stops_it_as_soon_as_it_is_attached(tmp_path)
 
 
 def test_running_job_cannot_be_deleted_and_live_progress_is_reported(tmp_path):
-    started = threading.Event()
-    q = JobQueue(tmp_path, runner_for(step_time=0.05, steps=200, started=started))
+    at_step_3 = threading.Event()
+    q = JobQueue(tmp_path, runner_for(steps=200, hold_at=(3, at_step_3)))
     job = q.add(cfg("live"))
     q.start()
-    assert started.wait(10)
-    while not q.live() or q.live().step < 3:
-        time.sleep(0.01)
+    assert at_step_3.wait(10)
     with pytest.raises(QueueError, match="press Stop first"):
         q.delete(job.id)
     lp = q.live()
-    assert lp.job_id == job.id and lp.total == 200 and lp.loss == 0.5 and len(lp.history) >= 3
+    assert lp.job_id == job.id and lp.total == 200 and lp.loss == 0.5 and len(lp.history) == 3
     assert q.running.name == "live"
     q.stop()
     q.wait(30)
@@ -230,3 +233,140 @@ def test_queues_are_independent_objects(tmp_path):
     b = JobQueue(tmp_path / "b", runner_for())
     a.add(cfg("x"))
     assert b.jobs() == [] and b.add(cfg("x")).id == 1
+
+
+# --- the queue's own bookkeeping never hangs a job (issue 10) ------------------------------------------------
+
+def _disk_full(monkeypatch):
+    """The queue file cannot be written (disk full / read-only jsons/): the real writer, failing as the OS would."""
+    import errno
+
+    import trainer.jobs as jobs_module
+
+    real = jobs_module._atomic_json
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(jobs_module, "_atomic_json", full)
+    return lambda: monkeypatch.setattr(jobs_module, "_atomic_json", real)
+
+
+def test_add_with_an_unwritable_queue_file_refuses_and_adds_nothing(tmp_path, monkeypatch):
+    img = tmp_path / "up.png"
+    img.write_bytes(b"png")
+    q = JobQueue(tmp_path / "jsons", runner_for(), console=lambda m: None)
+    q.add(cfg("kept"))
+    restore = _disk_full(monkeypatch)
+    with pytest.raises(QueueError, match=r"lost was not added: could not save the queue file .*No space left"):
+        q.add(Config.defaults("ADDifT").replace(save_lora_name="lost"), {"original_image": img})
+    assert [j.name for j in q.jobs()] == ["kept"]
+    assert not (tmp_path / "jsons" / "queue_files" / "2").exists()  # its copied inputs are gone too
+    with pytest.raises(QueueError, match="job 1 was not deleted"):
+        q.delete(1)
+    assert [j.name for j in q.jobs()] == ["kept"]
+    restore()
+    assert q.add(cfg("lost")).id == 2  # the refused add used no id
+    assert [j.name for j in JobQueue(tmp_path / "jsons", runner_for()).jobs()] == ["kept", "lost"]
+
+
+def test_run_with_an_unwritable_queue_file_fails_the_job_with_the_reason_and_the_queue_still_works(tmp_path, monkeypatch):
+    lines = []
+    q = JobQueue(tmp_path, runner_for(), console=lines.append)
+    q.add(cfg("first"))
+    q.add(cfg("second"))
+    restore = _disk_full(monkeypatch)
+    assert q.start()
+    assert q.wait(10), "the worker hangs"
+    first, second = q.jobs()
+    assert first.status == FAILED and "could not save the queue file" in first.message
+    assert "No space left" in first.message and second.status == QUEUED  # paused, not failed in a row
+    assert q.running is None and q.live() is None and q.stop() == "Nothing is training"
+    assert any("No space left" in m for m in lines)
+    restore()
+    assert q.start() and q.wait(10)
+    assert q.jobs()[1].status == DONE
+
+
+def test_the_worker_survives_a_broken_console_and_progress_bookkeeping(tmp_path):
+    def console(m):
+        raise OSError("the console stream is closed")
+
+    q = JobQueue(tmp_path, runner_for(), console=console)
+    q._on_progress = lambda job, p: 1 / 0  # the live view's bookkeeping fails at every step
+    q.add(cfg("a"))
+    q.add(cfg("fail_b"))
+    q.add(cfg("c"))
+    q.start()
+    assert q.wait(10)
+    assert [j.status for j in q.jobs()] == [DONE, FAILED, DONE]
+    assert "CUDA exploded" in q.jobs()[1].message
+
+
+def test_a_crash_inside_the_worker_ends_the_job_failed_never_running(tmp_path):
+    q = JobQueue(tmp_path, runner_for(), console=lambda m: None)
+    q.add(cfg("a"))
+
+    def broken_finish(*a, **k):
+        broken_finish.calls += 1
+        if broken_finish.calls == 1:
+            raise RuntimeError("bookkeeping bug")
+        return real(*a, **k)
+
+    broken_finish.calls = 0
+    real = q._finish
+    q._finish = broken_finish
+    q.start()
+    assert q.wait(10)
+    job = q.jobs()[0]
+    assert job.status == FAILED and "Error in the queue itself: RuntimeError: bookkeeping bug" in job.message
+    assert q.stop() == "Nothing is training"
+
+
+@pytest.mark.parametrize("bad", [
+    {"id": "two"}, {"status": "weird"}, {"settings": "x"}, {"steps": None}, {"id": True}])
+def test_a_queue_file_with_a_wrong_type_is_set_aside_and_said_where(tmp_path, bad):
+    q = JobQueue(tmp_path, runner_for())
+    q.add(cfg("one"))
+    data = json.loads((tmp_path / "queue.json").read_text(encoding="utf-8"))
+    data["jobs"][0].update(bad)
+    (tmp_path / "queue.json").write_text(json.dumps(data), encoding="utf-8")
+    lines = []
+    q2 = JobQueue(tmp_path, runner_for(), console=lines.append)
+    aside = list(tmp_path.glob("queue.broken-*.json"))
+    assert q2.jobs() == [] and len(aside) == 1 and json.loads(aside[0].read_text(encoding="utf-8")) == data
+    key = next(iter(bad))
+    assert f"'{key}'" in q2.notice and str(aside[0]) in q2.notice and lines == [q2.notice]
+    assert q2.add(cfg("again")).id == 1
+
+
+# --- one workdir, one queue owner ---------------------------------------------------------------------------
+
+def _owner_process(store):
+    import subprocess
+    import sys
+
+    code = ("import sys; from trainer.jobs import JobQueue; JobQueue(sys.argv[1], None); "
+            "print('owner', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.stdout.readline().strip() == "owner"
+    return proc
+
+
+def test_a_second_process_on_the_same_folder_is_refused_naming_the_folder_and_owner(tmp_path):
+    from trainer.jobs import QueueLockedError
+
+    owner = _owner_process(tmp_path)
+    try:
+        with pytest.raises(QueueLockedError) as e:
+            JobQueue(tmp_path, runner_for())
+        assert str(tmp_path) in str(e.value) and f"pid {owner.pid}" in str(e.value)
+    finally:
+        owner.stdin.close()
+        owner.wait(10)
+    # the owner exited (its lock is removed at exit); a lock of a dead process is taken over too
+    assert not (tmp_path / "queue.lock").exists()
+    (tmp_path / "queue.lock").write_text(f"{owner.pid}\n", encoding="utf-8")  # as after kill -9
+    JobQueue(tmp_path, runner_for()).add(cfg("mine"))
+    assert (tmp_path / "queue.lock").read_text(encoding="utf-8").split()[0] == str(__import__("os").getpid())

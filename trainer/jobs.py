@@ -13,6 +13,7 @@ host (:class:`StandaloneHost` here, ``trainer.host.webui.WebUIHost`` inside the 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -33,12 +34,97 @@ log = logging.getLogger("traintrain.jobs")
 QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
 ACTIVE = (QUEUED, RUNNING)
 STORE_NAME = "queue.json"
+LOCK_NAME = "queue.lock"
 FILES_DIR = "queue_files"
 TINY_MODEL = ""  # Config.model "" = the tiny built-in model
 
 
 class QueueError(ValueError):
     """A queue request that cannot be done (duplicate name, unknown id, deleting the running job)."""
+
+
+class QueueLockedError(QueueError):
+    """Another live process owns the queue of this folder."""
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ok = ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return bool(ok) and code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _lock_owner(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text(encoding="utf-8").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_HELD_LOCKS: set = set()  # lock files this process owns (one owner per process, however many JobQueues)
+
+
+def acquire_queue_lock(store_dir: Path) -> Path:
+    """Make this process the owner of ``store_dir``'s queue: two apps on one workdir would each rewrite
+    queue.json whole, lose each other's jobs, reuse ids and train at once. A lock left by a dead process is
+    taken over. Raises QueueLockedError naming the folder and the owner's pid."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    lock = store_dir / LOCK_NAME
+    me = os.getpid()
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner == me:
+                return lock
+            if owner is not None and _pid_alive(owner):
+                raise QueueLockedError(
+                    f"the queue in {store_dir} is owned by another TrainTrain process (pid {owner}); one workdir "
+                    f"has one queue: stop that process or use another --workdir (the lock file is {lock})") from None
+            # stale (dead pid, or unreadable): take it over; the rename and the re-read settle a race
+            tmp = lock.with_name(f"{LOCK_NAME}.{me}.tmp")
+            tmp.write_text(f"{me}\n", encoding="utf-8")
+            os.replace(tmp, lock)
+            if _lock_owner(lock) == me:
+                break
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{me}\n")
+        break
+    else:
+        raise QueueLockedError(f"the queue in {store_dir}: could not take the lock file {lock}")
+    if lock not in _HELD_LOCKS:
+        _HELD_LOCKS.add(lock)
+        atexit.register(_release_lock, lock, me)
+    return lock
+
+
+def _release_lock(lock: Path, pid: int) -> None:
+    if _lock_owner(lock) == pid:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+    _HELD_LOCKS.discard(lock)
+
+
+_JOB_TYPES = {"id": int, "name": str, "mode": str, "settings": dict, "status": str, "message": str, "files": list,
+              "csv": str, "steps": int, "added_at": (int, float), "started_at": (int, float, type(None)),
+              "finished_at": (int, float, type(None))}
 
 
 @dataclass
@@ -61,7 +147,20 @@ class Job:
 
     @classmethod
     def from_json(cls, d: dict) -> "Job":
+        """A job from its JSON; ValueError naming the field and value when a type is wrong (a hand-edited
+        or foreign queue file must not stop the app later, e.g. in max() over the ids)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a job is {type(d).__name__} {d!r:.80}, not an object")
+        for k in ("id", "name", "mode", "settings"):
+            if k not in d:
+                raise ValueError(f"a job has no {k!r}")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for k, v in known.items():
+            want = _JOB_TYPES[k]
+            if isinstance(v, bool) and want is not str or not isinstance(v, want):
+                raise ValueError(f"job field {k!r} is {v!r:.80} ({type(v).__name__})")
+        if known.get("status", QUEUED) not in (QUEUED, RUNNING, DONE, STOPPED, FAILED):
+            raise ValueError(f"job field 'status' is {known['status']!r:.80}")
         return cls(**known)
 
 
@@ -111,10 +210,16 @@ class RunControl:
             run.stop()
 
     def progress(self, p) -> None:
-        self._queue._on_progress(self.job, p)
+        try:
+            self._queue._on_progress(self.job, p)
+        except Exception as e:  # noqa: BLE001 - the live view is bookkeeping: it never fails the training
+            self._queue.console(f"TrainTrain: progress of job {self.job.id} not shown ({type(e).__name__}: {e})")
 
     def log(self, message: str) -> None:
-        self._queue._on_log(self.job, message)
+        try:
+            self._queue._on_log(self.job, message)
+        except Exception:  # noqa: BLE001 - a log line is bookkeeping
+            pass
 
 
 class Runner(Protocol):
@@ -130,12 +235,16 @@ class JobQueue:
     """Ordered, persisted training jobs, run one at a time by a worker thread."""
 
     def __init__(self, store_dir: Path | str, runner: Runner, *, on_change: Callable[[], None] | None = None,
-                 console: Callable[[str], None] | None = None):
+                 console: Callable[[str], None] | None = None, lock: bool = True):
         self.store_dir = Path(store_dir)
         self.path = self.store_dir / STORE_NAME
         self.runner = runner
         self.on_change = on_change
-        self.console = console or (lambda m: log.info(m))
+        self._console = console or (lambda m: log.info(m))
+        #: what the user should know about the queue file (set aside, not writable); the tab shows it
+        self.notice = ""
+        if lock:
+            acquire_queue_lock(self.store_dir)
         self._lock = threading.RLock()
         self._jobs: list[Job] = []
         self._next_id = 1
@@ -145,7 +254,18 @@ class JobQueue:
         self._stop_event = threading.Event()
         self._live: LiveProgress | None = None
         self._log_lines: list[str] = []
+        self._log_job: int | None = None
         self._load()
+
+    def console(self, message: str) -> None:
+        """A line for the console; a broken sink (closed stream, failing logger) never stops the queue."""
+        try:
+            self._console(message)
+        except Exception:  # noqa: BLE001 - the console is bookkeeping
+            with contextlib.suppress(Exception):
+                import sys
+
+                print(message, file=sys.__stderr__, flush=True)
 
     # --- persistence ---------------------------------------------------------------------
     def _load(self) -> None:
@@ -153,14 +273,22 @@ class JobQueue:
             return
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("jobs", []), list):
+                raise ValueError("not a queue object with a list of jobs")
             jobs = [Job.from_json(d) for d in data.get("jobs", [])]
-            next_id = int(data.get("next_id", 1))
+            next_id = data.get("next_id", 1)
+            if isinstance(next_id, bool) or not isinstance(next_id, int):
+                raise ValueError(f"next_id is {next_id!r:.80}")
         except (OSError, ValueError, TypeError, AttributeError) as e:
             # Keep the unreadable file for the user; start with an empty queue.
-            backup = self.path.with_suffix(f".broken-{int(time.time())}.json")
-            with contextlib.suppress(OSError):
+            backup = self.path.with_name(f"queue.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
+            try:
                 os.replace(self.path, backup)
-            self.console(f"The queue file {self.path} could not be read ({e}); it was moved to {backup}")
+                where = f"it was set aside as {backup}"
+            except OSError as e2:
+                where = f"it could not be set aside ({e2}); it will be replaced when the queue changes"
+            self.notice = f"The queue file {self.path} could not be read ({e}); {where}. The queue starts empty."
+            self.console(self.notice)
             return
         for j in jobs:
             if j.status == RUNNING:  # the app stopped while it ran: nothing of it was saved by us
@@ -169,18 +297,41 @@ class JobQueue:
                 j.finished_at = j.finished_at or time.time()
         self._jobs = jobs
         self._next_id = max([next_id] + [j.id + 1 for j in jobs])
-        self._save()
+        self._try_save()
 
     def _save(self) -> None:
         _atomic_json(self.path, {"version": 1, "next_id": self._next_id,
                                  "jobs": [asdict(j) for j in self._jobs]})
 
-    def _changed(self) -> None:
+    def _try_save(self) -> str:
+        """Save, or say why not ("" when saved): the worker and start-up go on without the file."""
+        try:
+            self._save()
+        except Exception as e:  # noqa: BLE001 - disk full, read-only folder, a bad value in a job
+            why = f"could not save the queue file {self.path} ({type(e).__name__}: {e})"
+            self.console(f"TrainTrain: {why}")
+            return why
+        return ""
+
+    def _notify(self) -> None:
         self._version += 1
-        self._save()
         if self.on_change:
             with contextlib.suppress(Exception):
                 self.on_change()
+
+    def _changed(self) -> None:
+        """A change asked for by the user: saved, or undone by the caller (QueueError)."""
+        self._save()
+        self._notify()
+
+    def _commit(self, undo: Callable[[], None], what: str) -> None:
+        """Persist a change; when that fails undo it and refuse, so memory and file never disagree."""
+        try:
+            self._changed()
+        except Exception as e:  # noqa: BLE001
+            undo()
+            raise QueueError(f"{what}: could not save the queue file {self.path} ({type(e).__name__}: {e}); "
+                             f"nothing was changed. Free disk space or make {self.store_dir} writable") from None
 
     # --- views -----------------------------------------------------------------------------
     @property
@@ -240,12 +391,22 @@ class JobQueue:
                     raise QueueError(f'save_lora_name: "{name}" is already {j.status} (job {j.id}); '
                                      f"choose another name or delete job {j.id}")
             job_id = self._next_id
-            self._next_id += 1
             if files:
-                cfg = cfg.replace(**self._keep_files(job_id, files))
+                try:
+                    cfg = cfg.replace(**self._keep_files(job_id, files))
+                except OSError:
+                    shutil.rmtree(self.store_dir / FILES_DIR / str(job_id), ignore_errors=True)
+                    raise
             job = Job(id=job_id, name=name, mode=cfg.mode, settings=cfg.to_dict(), added_at=time.time())
             self._jobs.append(job)
-            self._changed()
+            self._next_id += 1
+
+            def undo():
+                self._jobs.remove(job)
+                self._next_id = job_id
+                shutil.rmtree(self.store_dir / FILES_DIR / str(job_id), ignore_errors=True)
+
+            self._commit(undo, f"{name} was not added")
             return Job.from_json(asdict(job))
 
     def _keep_files(self, job_id: int, files: dict[str, str | Path]) -> dict[str, str]:
@@ -275,20 +436,26 @@ class JobQueue:
                     if j.status == RUNNING:
                         raise QueueError(f"job {job_id} ({j.name}) is running: press Stop first")
                     del self._jobs[i]
+                    self._commit(lambda: self._jobs.insert(i, j), f"job {job_id} was not deleted")
                     shutil.rmtree(self.store_dir / FILES_DIR / str(job_id), ignore_errors=True)
-                    self._changed()
                     return j
         raise QueueError(f"job {job_id}: no such job in the queue")
 
     def clear_finished(self) -> int:
         with self._lock:
+            before = list(self._jobs)
             keep = [j for j in self._jobs if j.status in ACTIVE]
             gone = [j for j in self._jobs if j.status not in ACTIVE]
+            if not gone:
+                return 0
+            self._jobs = keep
+
+            def undo():
+                self._jobs = before
+
+            self._commit(undo, "the finished jobs were not removed")
             for j in gone:
                 shutil.rmtree(self.store_dir / FILES_DIR / str(j.id), ignore_errors=True)
-            self._jobs = keep
-            if gone:
-                self._changed()
             return len(gone)
 
     # --- running ---------------------------------------------------------------------------
@@ -335,46 +502,82 @@ class JobQueue:
                     j.message = "Starting"
                     self._live = LiveProgress(job_id=j.id, name=j.name, updated=time.time())
                     self._log_lines = []
-                    self._changed()
+                    self._log_job = j.id
+                    why = self._try_save()
+                    self._notify()
+                    if why:
+                        # the queue file cannot follow: fail this job with the reason and pause the rest
+                        # (they would fail the same way) until the user fixes the folder and presses Run Queue
+                        self._stop_event.set()
+                        self._finish(j.id, FAILED, f"Not started: {why}", [], "", 0)
+                        self.console(f"TrainTrain: job {j.id} ({j.name}) failed: Not started: {why}")
+                        return None
                     return j
         return None
 
     def _work(self) -> None:
-        while True:
-            job = self._next_job()
-            if job is None:
-                return
-            control = RunControl(self, job)
+        try:
+            while True:
+                job = self._next_job()
+                if job is None:
+                    return
+                self._run_one(job)
+        except BaseException as e:  # noqa: BLE001 - the queue's own bookkeeping: no job may stay "running"
+            why = f"Error in the queue itself: {type(e).__name__}: {e}"
+            with contextlib.suppress(BaseException):
+                self.console(f"TrainTrain: {why}\n{traceback.format_exc()}")
             with self._lock:
-                self._control = control
-            self.console(f"TrainTrain: job {job.id} ({job.name}, {job.mode}) started")
-            status, message, files, csv, steps = FAILED, "", [], "", 0
-            try:
-                cfg = job.config()
-                result = self.runner(cfg, control)
-                files = [str(f) for f in getattr(result, "files", [])]
-                csv = str(result.csv) if getattr(result, "csv", None) else ""
-                steps = int(getattr(result, "steps", 0) or 0)
-                message = str(result.message)
-                if getattr(result, "stopped", False):
-                    status = STOPPED
-                else:
-                    status = DONE if result.ok else FAILED
-            except SettingError as e:
-                message = str(e)
-            except Exception as e:  # one failing job never stops the rest
-                message = f"Error: {e}" if str(e) else f"Error: {type(e).__name__}"
-                self.console(f"TrainTrain: job {job.id} ({job.name}) failed:\n{traceback.format_exc()}")
-            finally:
-                with self._lock:
-                    for j in self._jobs:
-                        if j.id == job.id:
-                            j.status, j.message, j.files, j.csv, j.steps = status, message, files, csv, steps
-                            j.finished_at = time.time()
-                    self._control = None
-                    self._live = None
-                    self._changed()
-            self.console(f"TrainTrain: job {job.id} ({job.name}) {status}: {message}")
+                for j in self._jobs:
+                    if j.status == RUNNING:
+                        self._finish(j.id, FAILED, why, j.files, j.csv, j.steps)
+                self._control = None
+                self._live = None
+
+    def _run_one(self, job: Job) -> None:
+        control = RunControl(self, job)
+        with self._lock:
+            self._control = control
+        self.console(f"TrainTrain: job {job.id} ({job.name}, {job.mode}) started")
+        status, message, files, csv, steps = FAILED, "", [], "", 0
+        capture = _LogCapture(self, job)
+        try:
+            cfg = job.config()
+            result = self.runner(cfg, control)
+            files = [str(f) for f in getattr(result, "files", [])]
+            csv = str(result.csv) if getattr(result, "csv", None) else ""
+            steps = int(getattr(result, "steps", 0) or 0)
+            message = str(result.message)
+            if getattr(result, "stopped", False):
+                status = STOPPED
+            else:
+                status = DONE if result.ok else FAILED
+        except SettingError as e:
+            message = str(e)
+        except Exception as e:  # one failing job never stops the rest
+            message = f"Error: {e}" if str(e) else f"Error: {type(e).__name__}"
+            tb = traceback.format_exc()
+            self._add_log(job, tb.rstrip())
+            self.console(f"TrainTrain: job {job.id} ({job.name}) failed:\n{tb}")
+        finally:
+            capture.close()
+            self._finish(job.id, status, message, files, csv, steps)
+        self.console(f"TrainTrain: job {job.id} ({job.name}) {status}: {message}")
+
+    def _finish(self, job_id: int, status: str, message: str, files: list, csv: str, steps: int) -> None:
+        """Record a job's end in memory first (it can not fail), then try to save it."""
+        with self._lock:
+            for j in self._jobs:
+                if j.id == job_id:
+                    j.status, j.message, j.files, j.csv, j.steps = status, message, list(files), csv, steps
+                    j.finished_at = time.time()
+            self._control = None
+            self._live = None
+            why = self._try_save()
+            if why and not message.startswith("Not started"):
+                for j in self._jobs:
+                    if j.id == job_id:
+                        j.message = f"{message} (the queue file was not updated: {why})"
+            self._notify()
 
     # --- callbacks from the running job -------------------------------------------------------
     def _on_progress(self, job: Job, p) -> None:
@@ -396,10 +599,38 @@ class JobQueue:
             lp.updated = time.time()
 
     def _on_log(self, job: Job, message: str) -> None:
-        with self._lock:
-            self._log_lines.append(message)
-            del self._log_lines[:-200]
+        self._add_log(job, message)
         self.console(message)
+
+    def _add_log(self, job: Job, message: str) -> None:
+        with self._lock:
+            if self._log_job == job.id:
+                self._log_lines.append(message)
+                del self._log_lines[:-200]
+
+    def log_job(self) -> int | None:
+        """The id of the job whose lines :meth:`log_lines` holds (the running or the last one)."""
+        return self._log_job
+
+
+class _LogCapture(logging.Handler):
+    """Warnings the data code logs (skipped images, long captions) while a job runs in the worker thread,
+    added to the job's log lines so the tab shows them (the console gets them through logging itself)."""
+
+    def __init__(self, queue: JobQueue, job: Job):
+        super().__init__(logging.WARNING)
+        self._queue, self._job, self._thread = queue, job, threading.get_ident()
+        self._logger = logging.getLogger("trainer")
+        self._logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self._thread:
+            with contextlib.suppress(Exception):
+                self._queue._add_log(self._job, record.getMessage())
+
+    def close(self) -> None:
+        self._logger.removeHandler(self)
+        super().close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -478,6 +709,9 @@ def host_runner(host) -> Runner:
             mode = mode_for(cfg.mode)
             if hasattr(mode, "check"):  # bad inputs are reported before the model loads
                 mode.check(cfg)
+            from .preflight import check_settings
+
+            check_settings(cfg)  # optimizer / scheduler arguments, network_resume
         except NotImplementedError as e:
             return RunResult(False, str(e))
         except ValueError as e:
