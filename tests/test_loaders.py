@@ -286,7 +286,10 @@ def test_saved_file_loads_back_identically(tmp_path, family, algo):
             a = unet(x, t, ehs, **kw).sample
         with from_file.apply():
             b = unet(x, t, ehs, **kw).sample
-    assert torch.equal(a, b)
+    # two separately built networks with identical weights (compared exactly above): their sums may be
+    # ordered differently by the CPU's kernels; 1e-5 is 100x fp32 rounding (1e-7 of outputs near 2)
+    # and far below what one adapter switched off changes (0.07 in SDXL, 0.17 in SD1)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_restated_rules_do_reject_bad_keys(real):
