@@ -1,19 +1,22 @@
 import pytest
 import torch
 
-from trainer.optim import OPTIMIZER_NAMES, SCHEDULER_NAMES, OptimizerError, make_optimizer, make_scheduler
+from trainer.optim import ADAPTIVE_LR, OPTIMIZER_NAMES, SCHEDULER_NAMES, OptimizerError, make_optimizer, make_scheduler
 
 
-def _groups():
+def _groups(lr=1e-3):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
-    return net, [{"params": list(net[0].parameters()), "lr": 1e-3}, {"params": list(net[1].parameters()), "lr": 1e-3}]
+    return net, [{"params": list(net[0].parameters()), "lr": lr}, {"params": list(net[1].parameters()), "lr": lr}]
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_every_listed_optimizer_builds_and_reduces_a_loss(name):
-    net, groups = _groups()
-    lr = 1.0 if name in ("Prodigy",) or name.startswith("DA") or name.startswith("Dadapt") else 1e-2
+    # The groups carry the learning rate, as the engine's do: a group's lr wins over make_optimizer's.
+    # (With groups at 1e-3, D-Adaptation's step d*lr stayed at 1e-6 * 1e-3: the loss moved by 1e-8,
+    # float noise, so the test passed or failed by the CPU's kernels.) Adaptive optimizers get 1.0.
+    lr = 1.0 if name in ADAPTIVE_LR else 1e-2
+    net, groups = _groups(lr)
     opt = make_optimizer(name, groups, lr, {}, network=net, warn=lambda m: None)
     x = torch.randn(32, 8)
     first = None
@@ -23,7 +26,9 @@ def test_every_listed_optimizer_builds_and_reduces_a_loss(name):
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert net(x).pow(2).mean().item() < first, name
+    # a real reduction: every optimizer here ends at 0.65x the first loss or lower (SGDScheduleFree is
+    # the slowest), D-Adapt Lion 0.026x, D-Adapt Adan 0.004x; float noise is ~1e-7 of the loss
+    assert net(x).pow(2).mean().item() < 0.8 * first, name
 
 
 def test_unknown_optimizer_and_bad_settings_name_the_setting():
