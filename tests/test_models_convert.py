@@ -256,8 +256,14 @@ def test_real_architecture_round_trip(family):
     del unet, vae, tes, unet_sd, vae_sd, te_sds, ldm, again, back
     gc.collect()
     after = _outputs(loaded.unet, loaded.vae, loaded.text_encoders, family)
+    # The weights are compared exactly above; the outputs show the loaded modules are configured like
+    # the built ones. They are separately built bf16 modules, whose sums the CPU's kernels may order
+    # differently: the same model run channels-last (other kernels, same weights) differed by 4 bf16
+    # ulps of the largest value (0.031 at 1.76). A wrong config (heads, eps, activation) changes
+    # outputs by the order of the values themselves, so allow 16 ulps: 1/8 of the largest value.
     for a, b in zip(before, after):
-        assert torch.equal(a, b)
+        a, b = a.float(), b.float()
+        assert (a - b).abs().max() <= a.abs().max() / 8, float((a - b).abs().max())
     del loaded
     gc.collect()
 
