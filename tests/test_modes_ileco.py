@@ -87,3 +87,54 @@ def test_leco_objective_is_named_in_the_metadata(tmp_path):
     _, meta = load_network_file(result.files[0])
     assert meta["ss_training_comment"] == ("TrainTrain mode: iLECO; original prompt: red; negative prompt: ugly; "
                                            "objective: erase (guidance 2)")
+
+
+class TrainedProbe(ILECOMode):
+    """At step 2, gives the LoRA a clear effect, then compares the mode's target with a separate copy of
+    the frozen U-Net that no network was ever applied to."""
+
+    def __init__(self, frozen_unet):
+        self.frozen_unet = frozen_unet
+        self.checked = None
+
+    def loss(self, step):
+        run = self.run
+        if step == 2:
+            with torch.no_grad():
+                for q in run.network.parameters():
+                    q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())) * 0.5)
+            b = self.shape[0]
+            z = torch.randn(self.shape, generator=torch.Generator().manual_seed(5))
+            t = torch.tensor([100, 700][:b])
+            with torch.no_grad():
+                def frozen(prompt):
+                    return self.frozen_unet(z, t, encoder_hidden_states=self.prompts.cond([prompt] * b, self.size)
+                                            .hidden).sample
+                want = {"iLECO": lambda: frozen("blue"),
+                        "erase": lambda: frozen("blue") - 2.0 * (frozen("red") - frozen(""))}[self.objective]()
+                with_lora = run.predict(z, t, self.prompts.cond(["blue"] * b, self.size))
+            self.checked = (self.target(z, t), want, with_lora, frozen("blue"))
+        return super().loss(step)
+
+
+@pytest.mark.parametrize("objective", ["iLECO", "erase"])
+def test_frozen_target_is_computed_without_the_lora_once_it_has_an_effect(tmp_path, objective):
+    """The target comes from the frozen model even when the LoRA being trained changes the U-Net's output
+    (at step 1 a fresh LoRA changes nothing, so only a later step can tell)."""
+    import copy
+
+    from trainer.models.tiny import tiny_components
+
+    components = tiny_components()
+    frozen_unet = copy.deepcopy(components.unet).requires_grad_(False)
+    cfg = config("iLECO.json", original_prompt="red", target_prompt="blue", negative_prompt="",
+                 leco_objective=objective, leco_guidance_scale=2.0, train_batch_size=2, train_iterations=2,
+                 train_model_precision="fp32")
+    mode = TrainedProbe(frozen_unet)
+    _, result, _ = train(cfg, tmp_path, mode, components=components)
+    assert result.ok, result.message
+    got, want, with_lora, without = mode.checked
+    # the LoRA really changes the prediction at that step (by far more than the tolerance below) ...
+    assert (with_lora - without).abs().max() > 100 * 1e-4
+    # ... and the target ignores it (separately built modules: equal within float rounding)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

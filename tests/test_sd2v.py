@@ -2,13 +2,18 @@
 marker keys), else the model_v_pred setting; zero-terminal-SNR; every mode on the tiny SD2-v model."""
 import pytest
 import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from _family_helpers import MODES, cli, mode_inputs, train_mode
+from _family_helpers import MODES, SMALL, cli, mode_inputs, train_mode
+from trainer.config import Config
+from trainer.engine import OutputPaths, TrainingRun
 from trainer.models.families import Family
 from trainer.models.loading import META_V_PRED, load_components, prediction_hints, save_ldm_checkpoint
 from trainer.models.tiny import tiny_components
+from trainer.modes.lora import LoRAMode
 from trainer.networks import load_network_file
 
 
@@ -95,14 +100,57 @@ def test_every_mode_trains_on_tiny_sd2_v(mode, root, inputs):
         assert te and not any(f"_layers_{last}_" in k for k in te)
 
 
-def test_lora_mode_learns_velocity_on_v_models(root, inputs):
-    """The LoRA target is v = sqrt(ab) eps - sqrt(1 - ab) x0 on a v model, eps otherwise."""
-    seen = {}
-    for v in (True, False):
-        result, run, _ = train_mode("LoRA", tiny_components(family="sd2", v_pred=v), root / f"t{v}", inputs)
-        x0, eps, t = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.tensor([999])
-        seen[v] = float(run.schedule.target(x0, eps, t).mean())
-    assert seen[False] == 0.0 and seen[True] < -0.9
+class TargetProbe(LoRAMode):
+    """Records, in the first step, the clean latents, the noise, the timesteps, the U-Net's prediction
+    and the loss the mode returns."""
+
+    seen = None
+
+    def loss(self, step):
+        run = self.run
+        schedule, predict = run.schedule, run.predict
+        seen = {}
+
+        def add_noise(x0, noise, t):
+            seen.update(x0=x0.clone(), noise=noise.clone(), t=t.clone())
+            return type(schedule).add_noise(schedule, x0, noise, t)
+
+        def recording(noisy, t, cond):
+            seen["pred"] = predict(noisy, t, cond)
+            return seen["pred"]
+
+        schedule.add_noise, run.predict = add_noise, recording
+        try:
+            loss = super().loss(step)
+        finally:
+            del schedule.add_noise, run.predict
+        if step == 1:
+            self.seen = {**seen, "loss": float(loss)}
+        return loss
+
+
+@pytest.mark.parametrize("v_pred", [True, False])
+def test_lora_mode_trains_against_velocity_on_v_models_and_noise_otherwise(root, inputs, v_pred):
+    """The LoRA-mode loss of a step is the MSE against diffusers' own v = sqrt(ab) eps - sqrt(1 - ab) x0 on
+    a v model (against the noise on an epsilon model), for that step's latents, noise and timesteps."""
+    meta, extra = inputs["LoRA"]
+    cfg = Config.defaults("LoRA").with_overrides({**SMALL, **extra, "train_batch_size": 2, "train_iterations": 1,
+                                                  "train_snr_gamma": 0, "train_loss_function": "MSE",
+                                                  "save_lora_name": f"target{v_pred}"})
+    mode = TargetProbe()
+    run = TrainingRun(cfg, tiny_components(family="sd2", v_pred=v_pred), OutputPaths.under(root / f"tg{v_pred}"),
+                      log=lambda m: None, device=torch.device("cpu"))
+    assert run.run(mode).ok
+    s = mode.seen
+    reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction" if v_pred else "epsilon")
+    velocity = reference.get_velocity(s["x0"], s["noise"], s["t"])
+    want = velocity if v_pred else s["noise"]
+    other = s["noise"] if v_pred else velocity
+    loss = F.mse_loss(s["pred"], want).item()
+    assert s["loss"] == pytest.approx(loss, rel=1e-5)
+    # the two targets give clearly different losses here, so the check above tells them apart
+    assert abs(F.mse_loss(s["pred"], other).item() - loss) > 0.05 * loss
 
 
 def test_cli_reads_v_prediction_from_the_yaml(bare_sd2, tmp_path):

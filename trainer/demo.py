@@ -59,6 +59,14 @@ def denoising_loss(components, network, latents: torch.Tensor, prompt: str, mult
     return float(torch.nn.functional.mse_loss(pred.float(), noise))
 
 
+def loss_change(before: float, after: float) -> str:
+    """'27% lower' when the LoRA lowered the loss, '5% higher' when it raised it, 'unchanged' otherwise."""
+    if after == before:
+        return "unchanged"
+    word = "lower" if after < before else "higher"
+    return f"{abs(before - after) / before:.0%} {word}" if before else word
+
+
 def demo_config(data: Path, steps: int | None):
     from .config import Config
 
@@ -108,6 +116,6 @@ def run_demo(workdir: Path, steps: int | None = None) -> int:
     print(f"Log (CSV):  {result.csv}")
     print(f"Loss plot:  {png}")
     print(f"Denoising loss on the training images for '{prompt}': {before:.4f} without the LoRA, "
-          f"{after:.4f} with it ({(before - after) / before:.0%} lower)")
+          f"{after:.4f} with it ({loss_change(before, after)})")
     print(f"Done in {time.time() - t0:.0f} s")
     return 0
