@@ -31,6 +31,8 @@ class ProgressPrinter:
         lrs = " ".join(f"{lr:.2e}" for lr in p.lrs)
         text = (f"[{'#' * filled}{'.' * (width - filled)}] {p.step}/{p.total} loss {p.loss:.4f} "
                 f"(avg {p.loss_avg:.4f}) lr {lrs} {p.sec_per_it:.2f} s/it ETA {_hms(p.eta_s)}")
+        if getattr(p, "sample_s", 0):
+            text += f" (sampling {_hms(p.sample_s)})"
         self._line(text, final=p.step >= p.total)
 
     def _line(self, text: str, final: bool) -> None:
@@ -130,6 +132,8 @@ def cmd_train(args) -> int:
         print(f)
     if result.csv:
         print(result.csv)
+    for f in run.sampler.files if run.sampler else []:
+        print(f)
     print(result.message, file=sys.stderr)
     return 0 if result.ok else 1
 
@@ -148,6 +152,12 @@ def cmd_settings(args) -> int:
 
     print(describe_settings(args.mode, lang=args.lang))
     return 0
+
+
+def cmd_sample(args) -> int:
+    from .samples import sample_command
+
+    return sample_command(args)
 
 
 def cmd_demo(args) -> int:
@@ -177,6 +187,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("demo_output"))
     p.add_argument("--steps", type=int, default=None)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("sample", help="a strength grid of a LoRA file on a model: multipliers x prompts x seeds")
+    p.add_argument("--lora", required=True, type=Path, help="the LoRA file (.safetensors, kohya format)")
+    p.add_argument("--model", default=None, help="checkpoint file or diffusers folder; empty: the tiny built-in model")
+    p.add_argument("--vae", default=None, help="separate VAE file (optional)")
+    p.add_argument("--model-dir", type=Path, default=None, help="folder to look for --model and --vae names in")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeatable; default: the LoRA's trigger word, else the empty prompt)")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--multipliers", default="0, 0.5, 1", help='LoRA strengths, one column each (default "0, 0.5, 1")')
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per prompt: SEED, SEED+1, ... (default 1)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default 7)")
+    p.add_argument("--sampler", default="euler", help="euler or ddim (default euler)")
+    p.add_argument("--size", default="", help='"N" or "H,W" in pixels (default: the model\'s native size)')
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None,
+                   help="the PNG to write (default: WORKDIR/samples/<LoRA name>/<time>-strength.png)")
+    p.add_argument("--workdir", type=Path, default=Path("."))
+    p.set_defaults(func=cmd_sample)
     p = sub.add_parser("plot", help="draw a training log (CSV) as a PNG")
     p.add_argument("csv", type=Path)
     p.add_argument("--png", type=Path, default=None)

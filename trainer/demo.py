@@ -67,6 +67,14 @@ def loss_change(before: float, after: float) -> str:
     return f"{abs(before - after) / before:.0%} {word}" if before else word
 
 
+def before_after(components, network, prompt: str, path: Path) -> Path:
+    """Images of the trigger prompt without the LoRA and with it (two seeds), as one labelled PNG."""
+    from .samples import GridSpec, strength_grid
+
+    spec = GridSpec(prompts=[prompt], multipliers=[0.0, 1.0], seeds=[0, 1], steps=20, cfg_scale=5.0, size=(64, 64))
+    return strength_grid(components, network, spec, path, title="demo LoRA: before (0) and after (1) training")
+
+
 def demo_config(data: Path, steps: int | None):
     from .config import Config
 
@@ -112,10 +120,12 @@ def run_demo(workdir: Path, steps: int | None = None) -> int:
     with net.apply():
         before = denoising_loss(components, net, latents, prompt, 0.0)
         after = denoising_loss(components, net, latents, prompt, 1.0)
+    grid = before_after(components, net, prompt, workdir / "samples" / "demo" / "before_after.png")
     print(f"LoRA file:  {result.files[-1]}")
     print(f"Log (CSV):  {result.csv}")
     print(f"Loss plot:  {png}")
     print(f"Denoising loss on the training images for '{prompt}': {before:.4f} without the LoRA, "
           f"{after:.4f} with it ({loss_change(before, after)})")
+    print(f"Before/after: {grid}")
     print(f"Done in {time.time() - t0:.0f} s")
     return 0

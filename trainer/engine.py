@@ -42,11 +42,12 @@ class OutputPaths:
     log_dir: Path
     json_dir: Path
     cache_dir: Path | None = None
+    sample_dir: Path | None = None  # sample grids; None = "samples" next to log_dir
 
     @classmethod
     def under(cls, root: Path | str) -> "OutputPaths":
         root = Path(root)
-        return cls(root / "output", root / "logs", root / "jsons", root / "cache")
+        return cls(root / "output", root / "logs", root / "jsons", root / "cache", root / "samples")
 
 
 @dataclass
@@ -59,7 +60,8 @@ class Progress:
     lrs: tuple[float, ...] = ()
     sec_per_it: float | None = None
     eta_s: float | None = None
-    message: str = ""
+    message: str = ""  # phase "save" / "sample": the path of the file written
+    sample_s: float = 0.0  # time spent drawing sample grids so far (not in sec_per_it)
 
 
 @dataclass
@@ -177,6 +179,7 @@ class TrainingRun:
         self.summary: dict = {}  # filled by the mode: num images, tag frequency, ...
         # Read each step's loss one step late, without waiting for the device (None: on CUDA only)
         self.lagged_loss: bool | None = None
+        self.sampler = None  # trainer.samples.TrainingSamples when sample_every_n_steps > 0
 
     # --- control -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -281,6 +284,8 @@ class TrainingRun:
                                       or getattr(info, "zero_terminal_snr", False))
         self.schedule = NoiseSchedule.create(self.device, cfg.model_v_pred or info.v_pred, self.zero_terminal_snr)
         self._freeze_model()
+        from .samples import TrainingSamples
+        self.sampler = TrainingSamples.for_run(self, mode)
         self.csv_path: Path | None = None
         steps_done = 0
         try:
@@ -379,6 +384,10 @@ class TrainingRun:
         # from their state, which the snapshot below does not cover: both read the loss in the step.
         reader = _LossReader(params, lagged and not wants_metric and cfg.train_optimizer not in SCHEDULE_FREE)
         smooth = None
+        sampler = self.sampler
+        if sampler:
+            sampler.draw(p, net, 0, total)  # before training
+        sampled_before = sampler.seconds if sampler else 0.0
         t0 = time.perf_counter()
         step = completed = 0
         oom_at = None
@@ -393,9 +402,11 @@ class TrainingRun:
             smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
             if log:
                 log.row(at, value, smooth, lrs)
-            rate = (time.perf_counter() - t0) / at
+            sampling = sampler.seconds - sampled_before if sampler else 0.0
+            rate = (time.perf_counter() - t0 - sampling) / at
+            eta = rate * (total - at) + (sampler.to_come(at, total) * sampler.seconds_per_grid if sampler else 0.0)
             self.progress(phase="train", step=at, total=total, loss=value, loss_avg=smooth, lrs=lrs,
-                          sec_per_it=rate, eta_s=rate * (total - at), message=p.name)
+                          sec_per_it=rate, eta_s=eta, message=p.name, sample_s=sampler.seconds if sampler else 0.0)
 
         try:
             for step in range(1, total + 1):
@@ -439,6 +450,8 @@ class TrainingRun:
                     if reader.lagged:
                         settle(reader.take())
                     self._save(p, net, optimizer, suffix=f"_{step}steps", steps=step)
+                if sampler and sampler.due(step):
+                    sampler.draw(p, net, step, total)
             if reader.lagged and reader.pending:
                 settle(reader.take())
         except Exception as e:
@@ -456,6 +469,8 @@ class TrainingRun:
             # (Stop pressed during a per-step save: that file already holds these weights)
             if step > 0 and self.paths.lora_dir / f"{p.name}{suffix}.safetensors" not in self.files:
                 self._save(p, net, optimizer, suffix=suffix, steps=step)
+        if sampler:
+            sampler.draw(p, net, step, total)  # the end (nothing when step N already drew this step)
         net.requires_grad_(False)
         net.set_multiplier(1.0)
         return step

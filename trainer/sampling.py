@@ -171,6 +171,8 @@ def generate(
     zero_terminal_snr: bool = False,
     added_cond_kwargs: Optional[Mapping[str, torch.Tensor]] = None,
     decode: bool = True,
+    seeds: Optional[Sequence[int]] = None,
+    v_prediction: Optional[bool] = None,
 ) -> torch.Tensor:
     """Images [B, 3, H, W] float32 on the CPU in [0, 1] (or latents when ``decode=False``).
 
@@ -181,7 +183,9 @@ def generate(
     a Network, or a list of Networks or ``(Network, multiplier)`` pairs, applied for the call
     (in order) and removed after; networks already applied are left applied. SDXL's
     ``added_cond_kwargs`` (pooled text embeddings + size ids) are built from the prompts unless
-    given (tensors with one row per prompt; the unconditional branch reuses them).
+    given (tensors with one row per prompt; the unconditional branch reuses them). ``seeds``: one
+    seed per prompt instead of ``seed + i`` (the same seed for several prompts compares them on the
+    same noise). ``v_prediction`` overrides what the model's info says (a setting can force it).
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
@@ -198,7 +202,7 @@ def generate(
     unet = components.unet
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
-    v_pred = bool(components.info.v_pred)
+    v_pred = bool(components.info.v_pred if v_prediction is None else v_prediction)
     schedule = NoiseSchedule.create("cpu", v_pred, zero_terminal_snr)
     ab = schedule.alphas_cumprod  # float64
 
@@ -233,7 +237,13 @@ def generate(
             uncond, cond = out.chunk(2)
             return uncond + float(guidance) * (cond - uncond)
 
-        noise = initial_noise(B, (int(unet.config.in_channels), height // f, width // f), seed).to(device)
+        shape = (int(unet.config.in_channels), height // f, width // f)
+        if seeds is not None:
+            if len(seeds) != B:
+                raise ValueError(f"seeds: expected {B} seeds (one per prompt), got {len(seeds)}")
+            noise = torch.cat([initial_noise(1, shape, int(s)) for s in seeds]).to(device)
+        else:
+            noise = initial_noise(B, shape, seed).to(device)
         if scheduler == "ddim":
             ts = ddim_timesteps(steps)
             x = noise

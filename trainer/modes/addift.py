@@ -133,6 +133,11 @@ class ADDifTMode(_ADDifTObjective):
             **({"reverted": "yes"} if cfg.diff_revert_original_target else {})})
         yield Pass(pass_cfg, self.loss, cfg.save_lora_name, train_text_encoder=False)
 
+    def sample_prompts(self, cfg) -> list[str]:
+        """Default sample prompts: the pair's (often both empty)."""
+        return [join_prompt(cfg.lora_trigger_word, cfg.original_prompt), join_prompt(cfg.lora_trigger_word,
+                                                                                     cfg.target_prompt)]
+
     def loss(self, step: int) -> torch.Tensor:
         return self.pair_loss(step, self.x_o, self.x_g, self.cond_o, self.cond_g, self.mask)
 
@@ -199,6 +204,10 @@ class MultiADDifTMode(_ADDifTObjective):
             prompts={"diff target name": cfg.diff_target_name,
                      **({"reverted": "yes"} if cfg.diff_revert_original_target else {})})
         yield Pass(pass_cfg, self.loss, cfg.save_lora_name, train_text_encoder=False)
+
+    def sample_prompts(self, cfg) -> list[str]:
+        """Default sample prompts: the first captions of the pairs."""
+        return list(self.captions)
 
     def loss(self, step: int) -> torch.Tensor:
         idx = next(self.batcher)

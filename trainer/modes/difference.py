@@ -107,6 +107,10 @@ class DifferenceMode:
         run.summary["prompts"] = {**run.summary["prompts"], "pass": "2nd (difference)"}
         yield Pass(cfg2, lambda step: self.loss(step, self.x_targ, cfg2), cfg.save_lora_name, train_text_encoder=False)
 
+    def sample_prompts(self, cfg) -> list[str]:
+        """Default sample prompt: the one both passes train with (often empty)."""
+        return [join_prompt(cfg.lora_trigger_word, cfg.original_prompt)]
+
     def load_copier(self, run, path: Path) -> None:
         """Apply the copier from a file, frozen at multiplier 1, under the network pass 2 trains."""
         from ..networks.files import load_network_file

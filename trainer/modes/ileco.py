@@ -71,6 +71,10 @@ class ILECOMode:
         run.summary["num_train_images"] = 0
         yield Pass(cfg, self.loss, cfg.save_lora_name, train_text_encoder=False)
 
+    def sample_prompts(self, cfg) -> list[str]:
+        """Default sample prompts: the original prompt (what the LoRA changes), then the target."""
+        return [p for p in (cfg.original_prompt, cfg.target_prompt) if p.strip()]
+
     def target(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The frozen model's goal for the LoRA'd prediction on (z, t) (no grad)."""
         run = self.run

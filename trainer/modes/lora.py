@@ -71,6 +71,10 @@ class LoRAMode:
             for te in encoders:
                 place(te, "cpu")
 
+    def sample_prompts(self, cfg) -> list[str]:
+        """Default sample prompts: the trigger word alone, then the first captions."""
+        return [p for p in [cfg.lora_trigger_word.strip(), *self.captions] if p]
+
     def _cond(self, captions: list[str], sizes: list[SizeCond]) -> UNetCond:
         run = self.run
         if self.train_te:
