@@ -223,6 +223,38 @@ def test_a_job_trains_into_the_lora_folder_with_webui_progress(webui, tmp_path):
     assert shared.sd_model.placement == "device"
 
 
+def test_samples_are_drawn_inside_the_webui_while_it_is_held(webui, tmp_path):
+    """Sample grids are drawn with our sampler on the weights being trained (the Web-UI's loaded model),
+    while the Web-UI's lock is held and its model is off the device; they land next to the extension's logs."""
+    from modules import call_queue, shared
+
+    from trainer.jobs import DONE, JobQueue, host_runner
+    from trainer.samples import read_grid_info
+
+    host = _host(tmp_path)
+    held = []
+    host_on_progress = host.on_progress
+
+    def spy(p):
+        host_on_progress(p)
+        if p.phase == "sample":
+            held.append((call_queue.queue_lock.locked(), shared.sd_model.placement, shared.state.textinfo))
+
+    host.on_progress = spy
+    q = JobQueue(tmp_path / "ext" / "jsons", host_runner(host))
+    q.add(_small_cfg(_images(tmp_path), "webui_samples", 2).with_overrides({
+        "sample_every_n_steps": 1, "sample_steps": 1, "sample_cfg_scale": 1, "lora_trigger_word": "ttdemo"}))
+    q.start()
+    assert q.wait(300)
+    assert q.jobs()[0].status == DONE, q.jobs()[0].message
+    grids = sorted((tmp_path / "ext" / "samples" / "webui_samples").glob("*.png"))
+    assert [g.stem.split("-", 1)[1] for g in grids] == ["step00000", "step00001", "step00002"]
+    assert [p for p, _ in read_grid_info(grids[-1])["rows"]][0] == "ttdemo"
+    assert len(held) == 3 and all(locked and placement == "cpu" for locked, placement, _ in held)
+    assert all(str(g) in text for g, (_, _, text) in zip(grids, held))  # the Web-UI's status names each grid
+    assert shared.sd_model.placement == "device" and not call_queue.queue_lock.locked()
+
+
 def test_a_failed_jobs_traceback_reaches_the_webuis_console(webui, tmp_path, monkeypatch, capsys):
     """A1111 configures no logging by default (logging.info is dropped): the tab's queue prints its lines,
     so the traceback that the tab's message points to ("look up to see its traceback") is in the console."""
