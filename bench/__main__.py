@@ -7,6 +7,7 @@ peak-memory window); the rows of a Markdown table are printed as each finishes.
   python -m bench steps --size 512 --batch 1 4 --precision bf16 --gc on --steps 2
   python -m bench steps --mode iLECO Difference
   python -m bench startup              # 100 images, SD1.5 VAE at 256 px: cold and with the on-disk latent cache
+  python -m bench sampling --model sd15 --size 256 --every 10   # cost of sample grids during training
 
 "ours" is one engine step (the mode's loss, backward, optimizer, scheduler, NaN guard, CSV row, progress);
 "bare" is the same model with the same network, timed between the engine's steps on the same process:
@@ -227,6 +228,72 @@ def child_startup(spec: dict) -> dict:
     return {**spec, **out, "env": environment()}
 
 
+def child_sampling(spec: dict) -> dict:
+    """A LoRA run with sample grids on: the time of each grid (from the engine's 'sample' events) and of a
+    training step (the engine's s/it, which leaves sampling out)."""
+    _setup_threads(spec["threads"])
+    import torch
+
+    from bench.common import environment, make_images, random_components
+    from trainer.engine import OutputPaths, TrainingRun
+    from trainer.modes import mode_for
+
+    workdir = Path(spec["workdir"])
+    components = random_components(spec["model"])
+    data = make_images(workdir / f"images_{spec['size']}_2", 2, spec["size"])
+    cfg = _mode_config({**spec, "mode": "LoRA", "warmup": 0, "batch": 1, "gc": False, "rank": 16}, data, workdir)
+    cfg = cfg.with_overrides({
+        "sample_every_n_steps": spec["every"], "sample_steps": spec["sample_steps"],
+        "sample_prompts": "\n".join(f"a photo of thing {i}" for i in range(spec["prompts"])),
+        "sample_multipliers": spec["multipliers"], "sample_cfg_scale": spec["cfg"], "save_overwrite": True})
+    grids, rates = [], []
+
+    def on_progress(p) -> None:
+        if p.phase == "sample":
+            grids.append(p.sample_s - sum(grids))
+        elif p.phase == "train":
+            rates.append(p.sec_per_it)
+
+    paths = OutputPaths.under(workdir / "sampling_out")
+    run = TrainingRun(cfg, components, paths, on_progress=on_progress, log=lambda m: None,
+                      device=torch.device(spec["device"]))
+    t0 = time.perf_counter()
+    result = run.run(mode_for("LoRA"))
+    if not result.ok:
+        raise SystemExit(f"engine run failed: {result.message}")
+    n_mult = len(cfg.sample_multipliers)
+    return {**spec, "grids": grids, "step_s": rates[-1], "run_s": time.perf_counter() - t0,
+            "images": spec["prompts"] * n_mult, "cached_zero": 0.0 in cfg.sample_multipliers,
+            "dtype": str(run.dtype).replace("torch.", ""), "env": environment()}
+
+
+def cmd_sampling(args) -> int:
+    spec = {"model": args.model, "size": args.size, "precision": args.precision, "steps": args.train_steps,
+            "every": args.every, "sample_steps": args.sample_steps, "prompts": args.prompts,
+            "multipliers": args.multipliers, "cfg": args.cfg, "threads": args.threads, "workdir": str(args.workdir),
+            "device": args.device}
+    print(f"# sampling cost: model {args.model} (random weights) at {args.size} px, {args.train_steps} LoRA steps, "
+          f"a grid every {args.every} steps + before + at the end, {args.prompts} prompt(s) x multipliers "
+          f"{args.multipliers}, {args.sample_steps} sampler steps, CFG {args.cfg:g}, {args.threads} thread(s), "
+          f"{args.device}; command: python -m bench {' '.join(sys.argv[1:])}", flush=True)
+    r = _spawn("sampling", spec)
+    if isinstance(r, str):
+        print(r)
+        return 1
+    first, later = r["grids"][0], r["grids"][1:]
+    per_grid = _median(later) if later else first
+    drawn = r["images"] - (args.prompts if r["cached_zero"] else 0)  # strength 0 is drawn once per run
+    print("| model | px | precision | grids | first grid s | later grids s (median) | s/image drawn | train s/step "
+          f"| sampling overhead every {args.every} steps | sampling share of this run |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.model} | {args.size} | {args.precision} (ran as {r['dtype']}) | {len(r['grids'])} | {first:.2f} "
+          f"| {per_grid:.2f} | {per_grid / max(1, drawn):.2f} | {r['step_s']:.2f} "
+          f"| {per_grid / (args.every * r['step_s']):.0%} | {sum(r['grids']) / r['run_s']:.0%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+    return 0
+
+
 # --- the parent: configurations, processes, tables -------------------------------------------------
 def _median(xs):
     xs = sorted(xs)
@@ -347,7 +414,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_child"]:
         kind, spec = argv[1], json.loads(argv[2])
-        result = child_steps(spec) if kind == "steps" else child_startup(spec)
+        result = {"steps": child_steps, "startup": child_startup, "sampling": child_sampling}[kind](spec)
         print(json.dumps(result))
         return 0
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
@@ -380,6 +447,17 @@ def main(argv=None) -> int:
                    help="train_model_precision (default fp16, the app default: bf16 or fp32 on a CPU, see RESULTS.md)")
     p.add_argument("--vae-precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_startup)
+    p = sub.add_parser("sampling", parents=[common], help="cost of sample grids during training")
+    p.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "tiny"])
+    p.add_argument("--size", type=int, default=256, help="training and sample size")
+    p.add_argument("--precision", default="fp16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--every", type=int, default=10, help="sample_every_n_steps")
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--prompts", type=int, default=1)
+    p.add_argument("--multipliers", default="0, 0.5, 1")
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.set_defaults(func=cmd_sampling)
     p = sub.add_parser("render", help="the table again, from files written with --json")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_render)
