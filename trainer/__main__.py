@@ -82,7 +82,12 @@ def build_config(args):
     overrides = list(args.set or [])
     if args.data is not None:
         overrides.append(f"lora_data_directory={args.data}")
-    return cfg.with_overrides(overrides + shortcut_overrides(args))
+    pairs = overrides + shortcut_overrides(args)
+    cfg = cfg.with_overrides(pairs)
+    unused = cfg.unused_in_mode(pairs)
+    if unused:
+        print(unused, file=sys.stderr)
+    return cfg
 
 
 def shortcut_overrides(args) -> list[str]:
@@ -96,6 +101,7 @@ def cmd_train(args) -> int:
     from .engine import OutputPaths, TrainingRun, write_settings_json
     from .host.standalone import HostError, load_components
     from .modes import mode_for
+    from .preflight import check_settings
 
     try:
         cfg = build_config(args)
@@ -114,6 +120,7 @@ def cmd_train(args) -> int:
         mode = mode_for(cfg.mode)
         if hasattr(mode, "check"):  # bad inputs (images, prompts) are reported before the model loads
             mode.check(cfg)
+        check_settings(cfg)  # optimizer / scheduler arguments, network_resume
         components = load_components(cfg.model or None, cfg.vae or None, model_dir=args.model_dir,
                                      v_pred=cfg.model_v_pred or None)
     except (HostError, NotImplementedError, ValueError) as e:
@@ -139,10 +146,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_log
+    from .plot import PlotError, plot_log
 
     out = args.png or Path(args.csv).with_suffix(".png")
-    plot_log(args.csv, out)
+    try:
+        plot_log(args.csv, out, warn=lambda m: print(m, file=sys.stderr))
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 
@@ -224,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lang", default="en", choices=["en", "ja"], help="language of the settings' help")
     p.set_defaults(func=cmd_ui)
     args = parser.parse_args(argv)
-    threads = os.environ.get("TT_THREADS")
+    threads = os.environ.get("TT_THREADS", "").strip()
     if threads:  # e.g. TT_THREADS=1 on a shared machine, where two threads collapse
+        if not threads.isdigit() or not 1 <= int(threads) <= 1024:
+            print(f"error: TT_THREADS={threads!r} is not a number of CPU threads (allowed: a whole number "
+                  f"from 1 to 1024; unset it to let torch choose)", file=sys.stderr)
+            return 2
         import torch
 
         torch.set_num_threads(int(threads))
@@ -233,4 +248,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from trainer.optim import keep_bitsandbytes_unloaded
+
+    # this process only (not a caller of main()): bitsandbytes loads when an 8-bit optimizer is chosen
+    if sys.argv[1:2] and sys.argv[1] in ("train", "demo", "ui", "queue"):  # plot/settings never load diffusers
+        keep_bitsandbytes_unloaded()
     sys.exit(main())

@@ -780,8 +780,11 @@ ORIGINAL_SETTINGS: tuple[Setting, ...] = (
          "学習中に学習率を変化させる方法。cosineで十分です。AdaFactorやScheduleFree系では無視されます。",
          choices=LR_SCHEDULERS),
     _row("train_lr_scheduler_settings", "text", dict, {}, _EVERY,
-         "Extra scheduler arguments as k=v (same syntax as the optimizer settings), e.g. eta_min=1e-5.",
-         "スケジューラーの追加引数。最適化関数の設定と同じ書式(例: eta_min=1e-5)。", **_kw),
+         "Extra scheduler arguments as k=v (same syntax as the optimizer settings), checked against the "
+         "chosen scheduler before training, e.g. eta_min=1e-5 for cosine_annealing, num_cycles=0.5 for cosine, "
+         "lr_end=1e-6 for polynomial.",
+         "スケジューラーの追加引数。最適化関数の設定と同じ書式で、学習前に選んだスケジューラーに対して検査されます"
+         "(例: cosine_annealingならeta_min=1e-5、cosineならnum_cycles=0.5、polynomialならlr_end=1e-6)。", **_kw),
     _row("save_lora_name", "text", str, "untitled", _NOT_D2,
          'File name (without extension) of the saved LoRA; also names the JSON and CSV. Empty = "untitled".',
          "保存するLoRAのファイル名(拡張子なし)。JSONやCSVの名前にも使われます。空欄ならuntitled。",
@@ -1301,11 +1304,43 @@ class Config:
                                              f"(allowed: {', '.join(sorted(_D2_NAMES))})", setting=s.name))
                 continue
             target[s.name] = v
+        if second and not problems:
+            # only Difference has a 2nd pass: elsewhere the values would vanish without a word
+            try:
+                mode = _parse_mode(kw["mode"]) if "mode" in kw else self.mode
+            except SettingError:
+                mode = "Difference"  # replace() reports the bad mode itself
+            if mode != "Difference":
+                names = ", ".join(f"2nd.{k}" for k in second)
+                problems.append(SettingError(f"{names}: {mode} mode has no 2nd pass (only Difference has one); "
+                                             f"drop the 2nd. prefix or use --mode Difference",
+                                             setting=next(iter(second)), value=mode))
         if problems:
             raise _combine(problems)
         if second:
             kw["second_pass"] = second
         return self.replace(**kw)
+
+    def unused_in_mode(self, pairs: Iterable[str] | Mapping[str, Any] | None) -> str | None:
+        """One line naming the settings among ``pairs`` (as given to with_overrides) that this job's
+        mode does not use, or None.  A warning, not an error: presets and saved jobs carry every
+        row, and a command line reused for another mode should still run."""
+        if not pairs:
+            return None
+        keys = list(pairs) if isinstance(pairs, Mapping) else [str(p).partition("=")[0] for p in pairs]
+        mode_panels = {self.mode} | ({"Difference2"} if self.mode == "Difference" else set())
+        unused = []
+        for k in keys:
+            k = str(k).strip()
+            if re.match(r"(?i)^(2nd(?:[ _]pass)?|second_pass)\.", k) or k in _META_BY_KEY:
+                continue
+            s = _BY_KEY.get(k.casefold())
+            if s is not None and not (s.modes & mode_panels) and s.name not in unused:
+                unused.append(s.name)
+        if not unused:
+            return None
+        return (f"warning: not used in {self.mode} mode, ignored: {', '.join(unused)} "
+                f"(python -m trainer settings --mode {self.mode} lists the settings it uses)")
 
     # -- views --------------------------------------------------------------------------------
     @property

@@ -360,6 +360,8 @@ class TrainingRun:
         n_unet, n_te = net.counts()
         self.log(f"Network {cfg.network_type} rank {cfg.network_rank} alpha {cfg.network_alpha}: "
                  f"{n_unet} U-Net modules, {n_te} text-encoder modules")
+        if cfg.logging_verbose:  # the details its help promises: data counts and the trained modules
+            self.log(verbose_summary(self.summary, net))
         if n_unet + n_te == 0:
             raise TrainingError(f"network_blocks: {cfg.network_blocks} selects no module of this model "
                                 f"with network_element={cfg.network_element}")
@@ -402,6 +404,9 @@ class TrainingRun:
             smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
             if log:
                 log.row(at, value, smooth, lrs)
+            if cfg.logging_verbose:  # one line per step, unthrottled (the progress line is throttled)
+                self.log(f"step {at}/{total}: loss {value:.6f} (avg {smooth:.6f}) lr "
+                         + " ".join(f"{x:.3e}" for x in lrs))
             sampling = sampler.seconds - sampled_before if sampler else 0.0
             rate = (time.perf_counter() - t0 - sampling) / at
             eta = rate * (total - at) + (sampler.to_come(at, total) * sampler.seconds_per_grid if sampler else 0.0)
@@ -668,3 +673,19 @@ def write_settings_json(cfg, paths: OutputPaths, started_at: float) -> Path:
     path = paths.json_dir / f"{cfg.save_lora_name}-{stamp}.json"
     atomic_write_text(path, json.dumps(cfg.to_dict(), indent=4, ensure_ascii=False))
     return path
+
+
+def verbose_summary(summary: dict, net) -> str:
+    """logging_verbose: the run's data counts and how many modules train in each block."""
+    import collections
+    import re
+
+    data = ", ".join(f"{k} {v}" for k, v in summary.items() if isinstance(v, (int, float, str)))
+    blocks = collections.Counter()
+    for m in net.adapters():
+        name = m.lora_name
+        hit = re.match(r"lora_(unet|te\d?)_((?:down|up|input|output)_blocks_\d+|mid_block|middle_block|"
+                       r"text_model_encoder_layers_\d+)?", name)
+        blocks[(hit.group(1) + ("_" + hit.group(2) if hit.group(2) else "")) if hit else name] += 1
+    parts = ", ".join(f"{k} {n}" for k, n in blocks.items())
+    return f"Data: {data or 'none'}. Trained modules by block: {parts}"

@@ -5,7 +5,9 @@ message that names the setting and the package to install.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import math
 from typing import Any, Callable
 
@@ -32,7 +34,11 @@ def _attr(module: str, name: str, package: str, optimizer: str) -> Callable:
 
 
 def _bnb(name):
-    return lambda opt: _attr("bitsandbytes.optim", name, "bitsandbytes", opt)
+    def load(opt):
+        _allow_bitsandbytes()  # chosen now: see keep_bitsandbytes_unloaded
+        return _attr("bitsandbytes.optim", name, "bitsandbytes", opt)
+
+    return load
 
 
 # name -> (factory of the class, default keyword arguments)
@@ -128,6 +134,8 @@ class PlateauScheduler:
         return [g["lr"] for g in self.optimizer.param_groups]
 
 
+DIFFUSERS_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                        "piecewise_constant")
 SCHEDULER_NAMES = ("cosine_annealing", "cosine_annealing_with_restarts", "exponential", "step", "multi_step",
                    "reduce_on_plateau", "cyclic", "one_cycle", "linear", "cosine", "cosine_with_restarts",
                    "polynomial", "constant", "constant_with_warmup", "piecewise_constant")
@@ -142,18 +150,17 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, iterations: i
         return ConstantScheduler(optimizer)
     lrs = torch.optim.lr_scheduler
     main_steps = max(1, iterations - warmup_steps)
-    if name in ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                "piecewise_constant"):
-        from diffusers.optimization import get_scheduler
-        kwargs: dict[str, Any] = {"num_warmup_steps": warmup_steps, "num_training_steps": iterations}
-        if name == "cosine_with_restarts":
-            kwargs["num_cycles"] = num_cycles
-        if name == "polynomial":
-            kwargs["power"] = power
-        if name == "piecewise_constant":
-            kwargs["step_rules"] = step_rules or "1"
+    if name in DIFFUSERS_SCHEDULERS:
+        # The schedule function itself, not diffusers' get_scheduler, which drops every argument it
+        # does not know (cosine's num_cycles, polynomial's lr_end) instead of passing it on.
+        fn = _diffusers_schedule(name)
+        ours = {"num_warmup_steps": warmup_steps, "num_training_steps": iterations, "step_rules": step_rules or "1",
+                "num_cycles": num_cycles if name == "cosine_with_restarts" else None,
+                "power": power if name == "polynomial" else None}
+        params = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in ours.items() if k in params and v is not None}
         kwargs.update(settings)
-        return get_scheduler(name, optimizer, **kwargs)
+        return fn(optimizer, **kwargs)
     if name == "reduce_on_plateau":
         return PlateauScheduler(optimizer, **settings)
     builders = {
@@ -175,3 +182,184 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, iterations: i
     warm = lrs.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps))
     main = builders[name]()
     return lrs.SequentialLR(optimizer, [warm, main], milestones=[warmup_steps])
+
+
+def _diffusers_schedule(name: str) -> Callable:
+    from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    return TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+
+
+# --- checking the k=v settings before any model is loaded -------------------------------------------
+
+# Arguments the trainer passes itself, and the setting that controls each.
+_SCHEDULER_OWNED = {"optimizer": "train_lr_scheduler", "num_warmup_steps": "train_lr_warmup_steps",
+                    "num_training_steps": "train_iterations", "step_rules": "train_lr_step_rules"}
+_OPTIMIZER_OWNED = {"params": "network_blocks", "lr": "train_learning_rate", "model": "network_blocks"}
+
+
+def _scheduler_callable(name: str) -> tuple[Callable, dict[str, str]]:
+    """What make_scheduler calls for `name`, and the arguments it fills from other settings."""
+    lrs = torch.optim.lr_scheduler
+    owned = dict(_SCHEDULER_OWNED)
+    if name in DIFFUSERS_SCHEDULERS:
+        if name == "cosine_with_restarts":
+            owned["num_cycles"] = "train_lr_scheduler_num_cycles"
+        if name == "polynomial":
+            owned["power"] = "train_lr_scheduler_power"
+        return _diffusers_schedule(name), owned
+    torch_classes = {"cosine_annealing": lrs.CosineAnnealingLR,
+                     "cosine_annealing_with_restarts": lrs.CosineAnnealingWarmRestarts,
+                     "exponential": lrs.ExponentialLR, "step": lrs.StepLR, "multi_step": lrs.MultiStepLR,
+                     "reduce_on_plateau": lrs.ReduceLROnPlateau, "cyclic": lrs.CyclicLR, "one_cycle": lrs.OneCycleLR}
+    if name not in torch_classes:
+        raise OptimizerError(f"train_lr_scheduler: {name!r} is not known (allowed: {', '.join(SCHEDULER_NAMES)})")
+    return torch_classes[name], owned
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """Why `value` cannot stand where the signature's default is `default` (None: it can)."""
+    if default is inspect.Parameter.empty or default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "True or False"
+    if isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a quoted string"
+    if isinstance(default, (tuple, list)):
+        if not isinstance(value, (tuple, list)) or len(value) != len(default):
+            return f"a tuple of {len(default)} like {tuple(default)!r}"
+        for v, d in zip(value, default):
+            if _type_problem(v, d):
+                return f"a tuple of {len(default)} like {tuple(default)!r}"
+    return None
+
+
+def _check_against(fn: Callable, settings: dict[str, Any], setting: str, what: str,
+                   owned: dict[str, str]) -> None:
+    """Each key of `settings` must be an argument of `fn` that the trainer does not fill itself,
+    with a value of the default's kind."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: the dry run decides
+        return
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    own = [n for n, p in params.items() if n not in owned and n != "self"
+           and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    for key, value in settings.items():
+        if key in owned:
+            raise OptimizerError(f"{setting}: {key}={value!r} is set by {owned[key]}; change that setting instead")
+        if key not in params and not takes_any:
+            close = difflib.get_close_matches(key, own, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            err = OptimizerError(f"{setting}: {key!r} is not an argument of {what} "
+                                 f"(its arguments: {', '.join(own) or 'none'}){hint}")
+            err.unknown_key = key
+            raise err
+        if key in params:
+            need = _type_problem(value, params[key].default)
+            if need:
+                raise OptimizerError(f"{setting}: {key}={value!r} must be {need} for {what}")
+
+
+def check_optimizer_settings(name: str, settings: dict[str, Any], lr: float) -> None:
+    """Refuse (OptimizerError naming train_optimizer_settings) arguments the optimizer does not take
+    or values it rejects, by its real signature and a dry build on one parameter."""
+    if name not in _OPTIMIZERS:
+        raise OptimizerError(f"train_optimizer: {name!r} is not known (allowed: {', '.join(OPTIMIZER_NAMES)})")
+    if not settings:
+        return  # the optional package is imported when training starts, as before
+    factory, _ = _OPTIMIZERS[name]
+    cls = factory(name)
+    _check_against(cls.__init__, settings, "train_optimizer_settings", f"the optimizer {name}", _OPTIMIZER_OWNED)
+    probe = torch.nn.Linear(2, 2)
+    try:
+        make_optimizer(name, [{"params": list(probe.parameters())}], lr, settings, network=probe,
+                       warn=lambda m: None)
+    except OptimizerError:
+        raise
+    except Exception as e:  # ValueError("Invalid beta parameter …"), TypeError, …
+        raise OptimizerError(f"train_optimizer_settings: {format_settings(settings)} does not work with "
+                             f"{name}: {e}") from None
+
+
+def check_scheduler_settings(name: str, settings: dict[str, Any], *, optimizer_name: str, lr: float,
+                             iterations: int, warmup_steps: int = 0, num_cycles: int = 1, power: float = 1.0,
+                             step_rules: str = "") -> None:
+    """Refuse (OptimizerError naming train_lr_scheduler_settings) arguments the scheduler does not
+    take, arguments other settings control, and values it rejects (a dry build, a few steps)."""
+    fn, owned = _scheduler_callable(name)
+    what = f"the {name} scheduler"
+    if settings:
+        try:
+            _check_against(fn, settings, "train_lr_scheduler_settings", what, owned)
+        except OptimizerError as e:
+            key = getattr(e, "unknown_key", None)
+            others = [n for n in SCHEDULER_NAMES if n != name and key is not None
+                      and key in _parameters(_scheduler_callable(n)[0])]
+            if others:  # e.g. eta_min with cosine
+                raise OptimizerError(f"{e}; {key} belongs to {', '.join(others)} (train_lr_scheduler)") from None
+            raise
+    probe = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([probe], lr=lr)
+    try:
+        sched = make_scheduler(name, optimizer, iterations=iterations, warmup_steps=warmup_steps,
+                               num_cycles=num_cycles, power=power, step_rules=step_rules, settings=settings)
+        for _ in range(min(iterations, 3)):  # some values fail only when stepped (one_cycle's total_steps)
+            optimizer.step()
+            sched.step(*([1.0] if getattr(sched, "wants_metric", False) else []))
+    except OptimizerError:
+        raise
+    except Exception as e:
+        label = "train_lr_scheduler_settings" if settings else "train_lr_scheduler"
+        raise OptimizerError(f"{label}: {format_settings(settings) or name} does not work with {what}: {e}") from None
+
+
+def _parameters(fn: Callable) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def format_settings(settings: dict[str, Any]) -> str:
+    return "; ".join(f"{k}={v!r}" for k, v in settings.items())
+
+
+class _DeferBitsandbytes:
+    """An import hook that makes `import bitsandbytes` fail (ImportError) until an 8-bit optimizer
+    asks for it: libraries that merely probe for it (peft does `try: import bitsandbytes`) then
+    treat it as absent, which is right, since TrainTrain uses it only for those optimizers."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
+            raise ImportError(f"{name} is loaded only when an 8-bit optimizer is chosen", name=name)
+        return None
+
+
+def keep_bitsandbytes_unloaded() -> None:
+    """Keep bitsandbytes out of the process until an 8-bit optimizer is chosen. diffusers (for its
+    quantizers) and peft import it whenever it is installed; importing it prints "Failed to load CPU
+    gemm_4bit_forward from kernels-community" on CPUs with AVX-512 bf16, and tries to fetch a kernel
+    from the Hub when `kernels` is installed. For our own processes only (the CLI and the standalone
+    app): inside the Web-UI the libraries belong to the host."""
+    import sys
+
+    if "bitsandbytes" in sys.modules or any(isinstance(f, _DeferBitsandbytes) for f in sys.meta_path):
+        return
+    try:
+        import diffusers.utils.import_utils as flags
+    except ImportError:
+        flags = None
+    if flags is not None and hasattr(flags, "_bitsandbytes_available"):
+        # diffusers imports it unguarded when it believes it is installed
+        flags._bitsandbytes_available = False
+    sys.meta_path.insert(0, _DeferBitsandbytes())
+
+
+def _allow_bitsandbytes() -> None:
+    import sys
+
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _DeferBitsandbytes)]
