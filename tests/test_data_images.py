@@ -89,20 +89,20 @@ def test_la_composited_on_white_with_alpha(tmp_path: Path) -> None:
 
 def test_rgba_half_transparent_composited(tmp_path: Path) -> None:
     image = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
-    loaded = load_image(_save(image, tmp_path / "rgba.png"))
+    loaded = load_image(_save(image, tmp_path / "rgba.png"), min_side=1)
     value = loaded.rgb.getpixel((0, 0))
     assert all(126 <= channel <= 129 for channel in value)  # half black over white
     assert loaded.alpha is not None and loaded.alpha.getpixel((0, 0)) == 128
 
 
 def test_opaque_rgba_has_no_alpha(tmp_path: Path) -> None:
-    loaded = load_image(_save(Image.new("RGBA", (4, 4), (1, 2, 3, 255)), tmp_path / "o.png"))
+    loaded = load_image(_save(Image.new("RGBA", (4, 4), (1, 2, 3, 255)), tmp_path / "o.png"), min_side=1)
     assert loaded.alpha is None and loaded.rgb.getpixel((0, 0)) == (1, 2, 3)
 
 
 def test_palette_without_and_with_transparency(tmp_path: Path) -> None:
     plain = Image.new("RGB", (6, 6), (0, 0, 255)).convert("P")
-    loaded = load_image(_save(plain, tmp_path / "p.png"))
+    loaded = load_image(_save(plain, tmp_path / "p.png"), min_side=1)
     assert loaded.alpha is None and loaded.rgb.getpixel((0, 0)) == (0, 0, 255)
 
     palette = Image.new("P", (6, 6), 0)
@@ -110,11 +110,11 @@ def test_palette_without_and_with_transparency(tmp_path: Path) -> None:
     for x in range(3):
         for y in range(6):
             palette.putpixel((x, y), 1)
-    loaded = load_image(_save(palette, tmp_path / "pt.png", transparency=0))
+    loaded = load_image(_save(palette, tmp_path / "pt.png", transparency=0), min_side=1)
     assert loaded.alpha is not None
     assert loaded.rgb.getpixel((0, 0)) == (255, 0, 0)
     assert loaded.rgb.getpixel((5, 5)) == (255, 255, 255)
-    loaded_gif = load_image(_save(palette, tmp_path / "pt.gif", transparency=0))
+    loaded_gif = load_image(_save(palette, tmp_path / "pt.gif", transparency=0), min_side=1)
     assert loaded_gif.alpha is not None and loaded_gif.rgb.getpixel((5, 5)) == (255, 255, 255)
 
 
@@ -129,7 +129,7 @@ def test_cmyk_jpeg(tmp_path: Path) -> None:
 def test_sixteen_bit_grayscale_png_scaled(tmp_path: Path) -> None:
     values = np.array([[0, 257 * 100], [65535, 257 * 200]], dtype=np.uint16)
     image = Image.fromarray(values)  # mode I;16
-    loaded = load_image(_save(image, tmp_path / "deep.png"))
+    loaded = load_image(_save(image, tmp_path / "deep.png"), min_side=1)
     assert loaded.rgb.getpixel((0, 0)) == (0, 0, 0)
     assert loaded.rgb.getpixel((1, 0)) == (100, 100, 100)
     assert loaded.rgb.getpixel((0, 1)) == (255, 255, 255)
@@ -139,7 +139,7 @@ def test_sixteen_bit_grayscale_png_scaled(tmp_path: Path) -> None:
 def test_32_bit_integer_mode_i_scaled_as_16_bit(tmp_path: Path) -> None:
     image = Image.fromarray(np.array([[257 * 10, 65535]], dtype=np.int32))  # mode I
     assert image.mode == "I"
-    loaded = load_image(_save(image, tmp_path / "i.tif"))
+    loaded = load_image(_save(image, tmp_path / "i.tif"), min_side=1)
     assert loaded.rgb.getpixel((0, 0)) == (10, 10, 10)
     assert loaded.rgb.getpixel((1, 0)) == (255, 255, 255)
 

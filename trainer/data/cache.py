@@ -4,8 +4,8 @@ Disk cache: one ``<key>.safetensors`` file per latent in ``cache_dir``, where ``
 a BLAKE2b hash of the sample's pixel tensor (shape, dtype and bytes) plus ``key_extra``
 (the caller passes the VAE identity and precision, so a different VAE never reuses a
 latent). Files are written atomically (temp file in the same folder + ``os.replace``);
-an unreadable cache file is re-encoded, and a cache folder that cannot be written
-only costs speed (one warning), never the run.
+an unreadable cache file is re-encoded, and a cache folder that cannot be written (read-only,
+full disk) only costs speed (one warning), never the run.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class LatentCache:
             save_file({_TENSOR_NAME: latent}, temp_name, metadata={"key_extra": key_extra})
             os.replace(temp_name, folder / f"{key}.safetensors")
             temp_name = None
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as SafetensorError
             self._disk_failed = True
             self._warn(f"Cannot write the latent cache in {str(folder)!r} ({exc}); continuing without it.")
         finally:

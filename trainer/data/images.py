@@ -32,6 +32,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 """Accepted file-name extensions, compared case-insensitively (``.JPG`` is an image)."""
 
+MIN_SIDE = 8
+"""Smaller images are refused: the VAE turns 8x8 pixels into one latent pixel, so a 1x1 image is only
+an upscaled colour."""
+
 # Modes that carry an alpha channel (premultiplied ones included).
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
@@ -80,8 +84,11 @@ def find_images(root: Path | str) -> list[Path]:
     return sorted(found)
 
 
-def load_image(path: Path | str, *, max_side: int | None = None) -> LoadedImage:
+def load_image(path: Path | str, *, max_side: int | None = None, min_side: int = MIN_SIDE) -> LoadedImage:
     """Decode one image file into RGB (+ alpha), with EXIF orientation applied.
+
+    An image with a side under ``min_side`` pixels, or with no visible pixel (alpha 0 everywhere),
+    is a DataError naming the file: either would train on nothing but an upscaled colour.
 
     ``max_side``: if given, an image whose shorter side is much larger than it is
     reduced early (see the module docstring); its shorter side stays >= ``max_side``.
@@ -117,6 +124,12 @@ def load_image(path: Path | str, *, max_side: int | None = None) -> LoadedImage:
         raise DataError(f"Image {str(path)!r} is not a readable image file (unknown or damaged format).") from exc
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise DataError(f"Image {str(path)!r} cannot be decoded (corrupt or truncated?): {exc}") from exc
+    if min(full_size) < min_side:
+        raise DataError(f"Image {str(path)!r} is {full_size[0]}x{full_size[1]} pixels: too small to train on "
+                        f"(a side under {min_side} px is less than one latent pixel).")
+    if alpha is not None and alpha.getextrema()[1] == 0:
+        raise DataError(f"Image {str(path)!r} is fully transparent (alpha 0 everywhere): there is nothing to "
+                        f"train on.")
     return LoadedImage(rgb=rgb, alpha=alpha, path=path, original_size=(int(full_size[0]), int(full_size[1])))
 
 
