@@ -603,3 +603,23 @@ def test_describe_settings():
     assert "学習ステップ数" in ja and "lora_data_directory" not in ja and "leco_objective" in ja
     with pytest.raises(SettingError):
         C.describe_settings(lang="fr")
+
+
+@pytest.mark.parametrize("mode", ["LoRA", "iLECO", "ADDifT", "Multi-ADDifT"])
+def test_a_2nd_pass_value_outside_difference_is_refused_naming_it_and_the_mode(mode):
+    with pytest.raises(SettingError) as e:
+        Config.defaults(mode).with_overrides(["2nd.network_rank=4"])
+    assert "2nd.network_rank" in str(e.value) and f"{mode} mode has no 2nd pass" in str(e.value)
+    # the same line with the mode switched to Difference in the same overrides is accepted
+    cfg = Config.defaults(mode).with_overrides(["mode=Difference", "2nd.network_rank=4"])
+    assert cfg.second_pass.network_rank == 4 and cfg.network_rank == 16
+
+
+def test_unused_in_mode_names_only_the_settings_that_mode_ignores():
+    cfg = Config.defaults("iLECO")
+    line = cfg.unused_in_mode(["lora_data_directory=x", "leco_objective=erase", "network_rank=4",
+                               "image_mirroring=true", "2nd.network_rank=4", "original prompt=red"])
+    assert line.count("\n") == 0 and "iLECO mode" in line
+    assert "lora_data_directory, image_mirroring" in line and "leco_objective" not in line
+    assert Config.defaults("Difference").unused_in_mode(["use_2nd_pass_settings=true"]) is None
+    assert cfg.unused_in_mode([]) is None

@@ -210,3 +210,17 @@ def test_zero_mean_chunk_gives_no_nan():
     with torch.no_grad():
         for prompt in ["a cat", "a (cat:1.3) on [grass]"]:
             assert torch.isfinite(encode_prompts(comps, [prompt]).hidden).all(), prompt
+
+
+def test_a_caption_over_the_first_chunk_is_encoded_whole_not_cut(tiny, tok):
+    # issue 10 reported long captions "cut silently": here nothing is cut, so there is nothing to warn
+    # about. The Web-UI encodes every 75-token chunk of a prompt, and so does training: each token of a
+    # 400-token caption reaches the text encoder (the original TrainTrain truncated at 75).
+    from trainer.models.tokenizer import tokenize
+
+    caption = ", ".join(f"tag{i} word{i}" for i in range(60))
+    n = len(tokenize(tok, caption))
+    assert n > 3 * 75
+    chunks = chunk_prompt(tok, caption)
+    assert sum(len(ids) for ids, _ in chunks) == n and len(chunks) >= -(-n // 75)  # (commas may break early)
+    assert encode_prompts(tiny, [caption]).hidden.shape[1] == 77 * len(chunks)
