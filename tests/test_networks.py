@@ -360,7 +360,7 @@ def test_real_sd15_on_meta_device():
 
 
 def test_real_sdxl_on_meta_device():
-    configs = pytest.importorskip("trainer.models.configs")
+    from trainer.models import configs
     from trainer.models.families import Family
 
     unet, _, tes = configs.build_models(Family.SDXL, device="meta")

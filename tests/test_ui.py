@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-gr = pytest.importorskip("gradio")
+import gradio as gr  # noqa: E402  (a requirement: missing is a failure, not a skip)
 
 from trainer.config import BLOCK_IDS, MODES, SETTINGS, Config  # noqa: E402
 from trainer.jobs import DONE, QUEUED, JobQueue, StandaloneHost  # noqa: E402
