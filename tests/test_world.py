@@ -3,6 +3,7 @@
 The numbers in the comments were measured on the shipped model (tests/assets/world-sd1.safetensors).
 """
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -55,11 +56,49 @@ def test_measurements_on_an_empty_image():
 
 
 def test_the_shipped_model_is_what_the_building_code_builds(world_model):
-    """A change to WORLD or to the building code must come with a rebuilt file
-    (`python tests/world.py build`): the file's model name holds their hash."""
-    assert world.WORLD.key() == world.WorldSpec().key()
+    """A change to WORLD, to a function the build runs (tests/world.py or trainer/: the tiny model, the
+    prompt encoding and tokenizer, the noise schedule and loss), to the tokenizer's data or to torch's
+    version must come with a rebuilt file (`python tests/world.py build`), or, for a change that cannot
+    alter the weights, a restamped one (`python tests/world.py restamp`)."""
+    stored = world.file_metadata()
+    now = world.fingerprint()
+    assert json.loads(stored["world.spec"]) == json.loads(now["world.spec"]), "WORLD changed: rebuild the file"
+    assert stored["world.torch"] == now["world.torch"], \
+        f"built with torch {stored['world.torch']}, running {now['world.torch']}: rebuild the file"
+    assert stored["world.tokenizer"] == now["world.tokenizer"], "the CLIP BPE data changed: rebuild the file"
+    old, new = json.loads(stored["world.sources"]), json.loads(now["world.sources"])
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    assert not changed, f"the build's code changed since the file was built: {changed}; rebuild the file " \
+                        "(python tests/world.py build), or restamp it if the change cannot alter the weights"
+    assert world_model.name == stored["traintrain.name"] == world.world_name()
+
+
+def test_the_shipped_file_holds_the_tensors_it_was_stamped_with():
+    assert world.weights_digest() == world.file_metadata()["world.weights"], \
+        "tests/assets/world-sd1.safetensors's tensors were changed after its build: rebuild it"
+
+
+def test_the_freshness_check_covers_what_the_build_runs():
+    sources = world.build_sources()
+    for name in ["trainer.diffusion.NoiseSchedule", "trainer.diffusion.weighted_loss",
+                 "trainer.models.prompts.encode_prompts", "trainer.models.prompts.parse_emphasis",
+                 "trainer.models.tokenizer.clip_tokenizer", "trainer.models.tokenizer.tokenize",
+                 "trainer.models.tiny.tiny_components", "trainer.models.configs.build_models",
+                 "world._train_vae", "world._train_text_encoder", "world._train_unet", "world.draw_world"]:
+        assert name in sources, name
+    assert sum(k.startswith("trainer.diffusion.<lambda>") for k in sources) == 3  # the loss functions
+    # only what the build runs: not the measurement helpers, the sampler, the engine
+    assert not [k for k in sources if k.startswith(("world.colour", "world.classify", "trainer.sampling",
+                                                    "trainer.engine", "trainer.atomic"))]
+    # the name moves with the spec too
     assert dataclasses.replace(world.WORLD, unet_steps=world.WORLD.unet_steps + 1).key() != world.WORLD.key()
-    assert world_model.name == world.world_name(), "tests/assets/world-sd1.safetensors is stale: rebuild it"
+
+
+def test_the_text_encoder_stage_replays_to_the_shipped_weights(world_model):
+    """The build's text-encoder stage (tiny model, world captions, prompt encoding, tokenizer) run
+    again from scratch gives the shipped text encoder: measured identical after fp16 rounding; allowed
+    world.REPLAY_TOLERANCE (4 fp16 steps), against 0.24 for an untrained encoder."""
+    assert world.replay_difference(world_model) <= world.REPLAY_TOLERANCE
 
 
 # ---------------------------------------------------------------- the model

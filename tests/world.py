@@ -21,10 +21,13 @@ What it learned is measured in tests/test_world.py: colour, background and (roug
 the prompt. Tests that prove what a training mode does (tests/test_mode_effects.py) train LoRAs on it.
 
 The build takes about 13 CPU minutes on one thread, so the result is shipped:
-``tests/assets/world-sd1.safetensors`` (single-file SD1 checkpoint, fp16, 9 MB), whose model name
-holds a hash of :data:`WORLD` and the building code; a test fails when they no longer match.
-Rebuild with ``python tests/world.py build``; ``python tests/world.py`` writes a grid of samples to
-``tests/artifacts/world_samples.png``.
+``tests/assets/world-sd1.safetensors`` (single-file SD1 checkpoint, fp16, 9 MB). Its metadata says what
+built it (:func:`fingerprint`: the spec, a digest of every function of this file and of trainer/ that
+the build runs, the tokenizer's data, the torch version) and holds a digest of its tensors;
+tests/test_world.py fails when any of them no longer matches, and replays the text-encoder stage
+against the shipped weights. Rebuild with ``python tests/world.py build``; after a change that cannot
+alter the weights, ``python tests/world.py restamp`` records the new fingerprint (metadata only);
+``python tests/world.py`` writes a grid of samples to ``tests/artifacts/world_samples.png``.
 
 Tests use it through the session fixture ``world_model`` (tests/conftest.py)::
 
@@ -39,6 +42,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -92,24 +98,12 @@ class WorldSpec:
     min_snr_gamma: float = 5.0
 
     def key(self) -> str:
-        """Hash of these fields, the source of the building code and the torch version."""
-        blob = "|".join([json.dumps(dataclasses.asdict(self), sort_keys=True, default=list), _building_code()])
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Hash of :func:`fingerprint`: these fields, the sources the build runs, the tokenizer's
+        data and the torch version."""
+        return hashlib.sha256(json.dumps(fingerprint(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 WORLD = WorldSpec()
-
-
-def _building_code() -> str:
-    """The source that decides the built weights: a change there changes the model's name, so the
-    shipped file no longer matches (edits to the measurement helpers do not)."""
-    import inspect
-
-    from trainer.models import tiny
-
-    funcs = [draw_shape, _caption, draw_world, to_tensor, designed_latents, _train_vae, _encode_latents,
-             _attributes, _train_text_encoder, _train_unet, build_world_model]
-    return "\n".join([inspect.getsource(tiny)] + [inspect.getsource(f) for f in funcs])
 
 
 # ---------------------------------------------------------------- drawing the world
@@ -401,15 +395,242 @@ def world_name(spec: WorldSpec = WORLD) -> str:
     return f"tiny-sd1-world-{spec.key()}"
 
 
+# ---------------------------------------------------------------- freshness: is the file what the code builds?
+#
+# The file's metadata holds (see :func:`stamp`): ``world.spec`` (the WorldSpec's fields),
+# ``world.sources`` (a digest per function / class the build runs, found by :func:`build_sources`),
+# ``world.tokenizer`` (digest of the CLIP BPE data the prompts are tokenized with), ``world.torch``
+# (the torch major.minor it was built with) and ``world.weights`` (digest of the tensors as stored).
+# tests/test_world.py compares each with what the code says now, and replays the text-encoder stage.
+#
+# Why per function and not per module: the build uses a few functions of trainer/ (the tiny model,
+# the prompt encoding and its tokenizer, the noise schedule and the loss), and those modules also hold
+# much that the build never runs and that changes for other reasons (loading.py, configs.py). Hashing
+# whole modules would make the check go stale on every unrelated edit, and a check that is always
+# stale gets restamped without thought. Hashing what the build calls makes a failure name the function
+# that changed; if the change cannot alter the built weights (a refactor), `python tests/world.py
+# restamp` records the new sources after checking the tensors are untouched and the text-encoder stage
+# still replays to the shipped weights; if it can, rebuild (`python tests/world.py build`).
+
+#: Where the walk starts: the build's own stages. Saving (build_world_file -> save_ldm_checkpoint) is
+#: left out: it decides the file's layout, not its weights; the loader tests cover the layout and
+#: ``world.weights`` pins the stored tensors.
+BUILD_ENTRY_POINTS = ("draw_shape", "_caption", "draw_world", "to_tensor", "designed_latents", "_train_vae",
+                      "_encode_latents", "_attributes", "_train_text_encoder", "_train_unet", "build_world_model")
+#: Reached from the build but not part of what it computes: the name is derived from this check,
+#: and the spec's fields are stored on their own (``world.spec``).
+_NOT_BUILD = {"world.world_name", "world.WorldSpec"}
+#: Modules that only write files (the tokenizer's cache folder): what they write is covered by
+#: ``world.tokenizer``, and a failure there is an error, not different weights.
+_NOT_BUILD_MODULES = ("trainer.atomic",)
+_PLAIN = (bool, int, float, str, bytes, tuple, frozenset, dict, list)
+
+
+def _module_name(obj) -> str:
+    mod = getattr(obj, "__module__", "") or ""
+    return "world" if mod == "__main__" else mod
+
+
+def _ours(obj) -> bool:
+    mod = _module_name(obj)
+    return (inspect.isfunction(obj) or inspect.isclass(obj)) and (mod == "world" or mod.startswith("trainer.")) \
+        and mod not in _NOT_BUILD_MODULES
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _stable(v, todo: list) -> str:
+    """repr of a constant without memory addresses; functions and classes in it are named and walked."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_stable(k, todo)}: {_stable(x, todo)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return type(v).__name__ + "(" + ", ".join(_stable(x, todo) for x in v) + ")"
+    if isinstance(v, (set, frozenset)):
+        return type(v).__name__ + "(" + ", ".join(sorted(_stable(x, todo) for x in v)) + ")"
+    if inspect.isfunction(v) or inspect.isclass(v) or inspect.isbuiltin(v):
+        if _ours(v):
+            todo.append(v)
+        return f"<{_module_name(v)}.{getattr(v, '__qualname__', v.__name__)}>"
+    text = repr(v)
+    return type(v).__qualname__ if " at 0x" in text else text
+
+
+def _code_names(code) -> set:
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if inspect.iscode(c):
+            names |= _code_names(c)
+    return names
+
+
+def build_sources() -> dict:
+    """{qualified name: sha256[:16] of its source} for every function and class of this file and of
+    trainer/ that the build runs, found by following the names their code uses (globals, module
+    attributes, imports inside functions, methods of the classes reached), plus ``=NAME`` entries
+    for plain constants (dicts of sizes, numbers) that they read from module globals."""
+    this = sys.modules[__name__]
+    todo = [getattr(this, n) for n in BUILD_ENTRY_POINTS]
+    out: dict = {}
+    while todo:
+        obj = todo.pop()
+        digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
+        key = f"{_module_name(obj)}.{obj.__qualname__}"
+        if obj.__name__ == "<lambda>":  # several lambdas share a name: tell them apart by their source
+            key += f"#{digest}"
+        if key in out or key in _NOT_BUILD:
+            continue
+        out[key] = digest
+        funcs = [obj] if inspect.isfunction(obj) else []
+        if inspect.isclass(obj):
+            todo += [b for b in obj.__bases__ if _ours(b)]
+            for v in vars(obj).values():
+                v = v.fget if isinstance(v, property) else getattr(v, "__func__", v)
+                if inspect.isfunction(v) and _ours(v):
+                    funcs.append(v)
+        for f in funcs:
+            g = f.__globals__
+            names = _code_names(f.__code__)
+            modules = [v for v in g.values() if inspect.ismodule(v) and v.__name__.startswith("trainer")]
+            pkg = g.get("__package__") or ""
+            for n in names:  # imports inside the function: absolute or relative to its package
+                for cand in {n, f"{pkg}.{n}" if pkg else n}:
+                    if cand.startswith("trainer") and _is_module(cand):
+                        modules.append(importlib.import_module(cand))
+            for n in sorted(names):
+                if n.startswith("__"):
+                    continue
+                found = ([(_module_name(f), g[n])] if n in g else []) + \
+                    [(m.__name__, getattr(m, n)) for m in modules if hasattr(m, n)]
+                for where, v in found:
+                    v = inspect.unwrap(v) if callable(v) else v  # lru_cache and other wrappers
+                    if _ours(v):
+                        todo.append(v)
+                    elif isinstance(v, _PLAIN):
+                        out[f"{where}.={n}"] = hashlib.sha256(_stable(v, todo).encode()).hexdigest()[:16]
+    return dict(sorted(out.items()))
+
+
+def _tokenizer_digest() -> str:
+    from trainer.models.tokenizer import find_bpe_file
+
+    return hashlib.sha256(find_bpe_file().read_bytes()).hexdigest()[:16]
+
+
+def _torch_version() -> str:
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def fingerprint(spec: WorldSpec = WORLD) -> dict:
+    """What decides the built weights, as stored in the file's metadata (``world.*``)."""
+    return {
+        "world.spec": json.dumps(dataclasses.asdict(spec), sort_keys=True, default=list),
+        "world.sources": json.dumps(build_sources(), sort_keys=True),
+        "world.tokenizer": _tokenizer_digest(),
+        "world.torch": _torch_version(),
+    }
+
+
+def _read_safetensors(path: Path):
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def file_metadata(path: Path = WORLD_FILE) -> dict:
+    return dict(_read_safetensors(path)[0].get("__metadata__") or {})
+
+
+def weights_digest(path: Path = WORLD_FILE) -> str:
+    """sha256 of the stored tensors: every tensor's name, dtype, shape and offsets, and the data bytes
+    (the metadata left out, so restamping keeps it)."""
+    header, data = _read_safetensors(path)
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "__metadata__"}, sort_keys=True).encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def stamp(path: Path = WORLD_FILE, spec: WorldSpec = WORLD) -> dict:
+    """Rewrite only the file's metadata: the current :func:`fingerprint`, the model name and the
+    weights digest. The tensors' bytes stay byte-identical (the header's offsets are relative to the
+    data, so a longer header moves nothing)."""
+    header, data = _read_safetensors(path)
+    meta = dict(header.get("__metadata__") or {})
+    meta.update(fingerprint(spec))
+    meta["traintrain.name"] = world_name(spec)
+    meta["world.weights"] = weights_digest(path)
+    header["__metadata__"] = meta
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+    os.replace(tmp, path)
+    assert weights_digest(path) == meta["world.weights"]
+    return meta
+
+
+def replay_text_encoder(spec: WorldSpec = WORLD):
+    """The build's text-encoder stage run again from scratch (tiny model, world captions, prompt
+    encoding, tokenizer): its weights, rounded to fp16 as the file stores them. About 20 CPU s."""
+    from trainer.models.tiny import tiny_components
+
+    torch.manual_seed(spec.seed)
+    comps = tiny_components(spec.seed)
+    _, items = draw_world(spec)
+    _train_text_encoder(comps, [it.caption for it in items], spec, lambda m: None)
+    return {k: v.half() for k, v in comps.text_encoders[0].state_dict().items()}
+
+
+#: Largest difference allowed between the replayed text encoder and the shipped one: 4 fp16 steps at
+#: |w| < 2 (a CPU that orders its sums differently may land one step off after rounding); measured 0.
+#: A wrong build is far off: the untrained encoder differs by 0.24.
+REPLAY_TOLERANCE = 4e-3
+
+
+def replay_difference(comps) -> float:
+    """Largest absolute difference between :func:`replay_text_encoder` and ``comps``' text encoder."""
+    want = replay_text_encoder()
+    got = comps.text_encoders[0].state_dict()
+    missing = sorted(k for k in want if k not in got)
+    if missing:
+        raise AssertionError(f"text encoder keys differ: {missing[:5]}")
+    return max(float((want[k].float() - got[k].float()).abs().max()) for k in want)
+
+
 def build_world_file(path: Path = WORLD_FILE, spec: WorldSpec = WORLD, log: Callable = print) -> Path:
     """Build the model and write it as a single-file SD1 checkpoint in fp16 (half the bytes; the
-    tests load it back as fp32)."""
+    tests load it back as fp32), stamped with its fingerprint."""
     from trainer.models.loading import save_ldm_checkpoint
 
     comps = build_world_model(spec, log)
     for m in comps.modules():
         m.half()
-    return save_ldm_checkpoint(comps, path)
+    save_ldm_checkpoint(comps, path)
+    stamp(path, spec)
+    return path
+
+
+def restamp(path: Path = WORLD_FILE) -> dict:
+    """After a change the check flags that cannot alter the built weights (a refactor): record the
+    current fingerprint. Refuses when the tensors are not the ones stamped or the text-encoder stage
+    no longer replays to them: then rebuild."""
+    meta = file_metadata(path)
+    if "world.weights" in meta and meta["world.weights"] != weights_digest(path):
+        raise SystemExit(f"{path}: its tensors are not the ones it was stamped with: rebuild it")
+    diff = replay_difference(load_world_model(path))
+    if diff > REPLAY_TOLERANCE:
+        raise SystemExit(f"the text-encoder stage no longer replays to the shipped weights (max diff {diff:.4g}):"
+                         " the build changed, rebuild the file")
+    old = json.loads(meta.get("world.sources", "{}"))
+    new = stamp(path)
+    changed = sorted(k for k in set(old) | set(json.loads(new["world.sources"]))
+                     if old.get(k) != json.loads(new["world.sources"]).get(k))
+    print(f"restamped {path}: text encoder replayed within {diff:.3g}; sources changed: {changed}")
+    return new
 
 
 def load_world_model(path: Path = WORLD_FILE):
@@ -537,5 +758,7 @@ if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("TT_THREADS", "1")))
     if sys.argv[1:] == ["build"]:
         print(build_world_file())
+    elif sys.argv[1:] == ["restamp"]:
+        restamp()
     else:
         print(sample_grid(load_world_model(), REPO / "tests" / "artifacts" / "world_samples.png"))
