@@ -238,7 +238,7 @@ def test_the_demo_ends_with_a_before_after_image(tmp_path, capsys):
 
 def test_on_the_world_model_the_trained_strength_differs_from_the_model(world_model, tmp_path):
     """On a model that has learned its world (tests/world.py), a LoRA's grid shows what it learned: before
-    training every strength draws the model's own image; after 40 iLECO steps (red -> blue) the strength-1
+    training every strength draws the model's own image; after 20 iLECO steps (red -> blue) the strength-1
     images differ from the strength-0 ones (measured: mean 0.11 and 0.05 of the pixel range per seed; 0 before)."""
     cfg = Config.load_preset(Path(__file__).resolve().parent.parent / "presets" / "iLECO.json").replace(
         original_prompt="red", target_prompt="blue").with_overrides({
