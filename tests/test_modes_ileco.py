@@ -138,3 +138,29 @@ def test_frozen_target_is_computed_without_the_lora_once_it_has_an_effect(tmp_pa
     assert (with_lora - without).abs().max() > 100 * 1e-4
     # ... and the target ignores it (separately built modules: equal within float rounding)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks,te_flag,warned", [(("BASE", "IN01", "OUT11"), False, True),
+                                                   (("IN01", "OUT11"), True, True), (("IN01", "OUT11"), False, False)])
+def test_ileco_trains_the_unet_only_and_says_so_when_a_text_encoder_was_asked_for(tmp_path, blocks, te_flag, warned):
+    """In-process (the CLI test runs in a subprocess): no text-encoder tensors, the iLECO comment, 0 images."""
+    logs = []
+    cfg = config("iLECO.json", original_prompt="red", target_prompt="blue", train_iterations=1, save_lora_name="u",
+                 network_blocks=list(blocks), network_train_text_encoder=te_flag)
+    _, result, _ = train(cfg, tmp_path, ILECOMode(), logs=logs)
+    assert result.ok, result.message
+    tensors, meta = load_network_file(result.files[0])
+    assert tensors and all(k.startswith("lora_unet_") for k in tensors)
+    assert meta["ss_training_comment"] == "TrainTrain mode: iLECO; original prompt: red; target prompt: blue"
+    assert meta["ss_num_train_images"] == "0"
+    assert any("iLECO trains the U-Net only" in m for m in logs) == warned
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_original_prompt_is_a_data_error_naming_the_setting(prompt):
+    from trainer.data.errors import DataError
+
+    cfg = config("iLECO.json", original_prompt=prompt, target_prompt="blue")
+    with pytest.raises(DataError, match="original_prompt is empty"):
+        ILECOMode().check(cfg)
+    ILECOMode().check(config("iLECO.json", original_prompt="red", target_prompt=""))  # erase: fine
