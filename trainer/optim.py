@@ -23,7 +23,13 @@ class OptimizerError(ValueError):
 
 def _attr(module: str, name: str, package: str, optimizer: str) -> Callable:
     try:
-        return getattr(importlib.import_module(module), name)
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ImportError as e:
+            if not (e.name or "").startswith("bitsandbytes") or not _allow_bitsandbytes():
+                raise
+            # the package imports bitsandbytes itself (pytorch_optimizer does): let it
+            return getattr(importlib.import_module(module), name)
     except ImportError as e:
         raise OptimizerError(
             f"train_optimizer: {optimizer!r} needs the package {package!r} (pip install {package}); "
@@ -359,7 +365,10 @@ def keep_bitsandbytes_unloaded() -> None:
     sys.meta_path.insert(0, _DeferBitsandbytes())
 
 
-def _allow_bitsandbytes() -> None:
+def _allow_bitsandbytes() -> bool:
+    """Lift the hook; True when there was one."""
     import sys
 
+    before = len(sys.meta_path)
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _DeferBitsandbytes)]
+    return len(sys.meta_path) != before
