@@ -166,9 +166,176 @@ def configs_for(family: Family) -> ModelConfigs:
                         (PAD_EOS, PAD_ZERO), SCALING_FACTOR[family])
 
 
+#: The only transformers classes a text encoder may be (a name read from a file must never pick the attribute).
+TEXT_ENCODER_CLASSES = (CLIP_TEXT, CLIP_TEXT_PROJ)
+PAD_TOKENS = (PAD_EOS, PAD_ZERO)
+
+
+class ConfigError(ValueError):
+    """An architecture config read from a file names something not allowed or a value out of bounds."""
+
+
+def _int(lo: int, hi: int):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            return f"a whole number from {lo} to {hi}"
+    return check
+
+
+def _num(lo: float, hi: float):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):  # also refuses NaN
+            return f"a number from {lo} to {hi}"
+    return check
+
+
+def _one_of(*allowed):
+    def check(v):
+        if v not in allowed:
+            return "one of " + ", ".join(repr(a) for a in allowed)
+    return check
+
+
+def _int_or_list(lo: int, hi: int, max_len: int = 6):
+    one = _int(lo, hi)
+
+    def check(v):
+        if isinstance(v, (list, tuple)):
+            if not 1 <= len(v) <= max_len or any(one(x) for x in v):
+                return f"a whole number from {lo} to {hi}, or a list of 1 to {max_len} of them"
+            return None
+        if one(v):
+            return f"a whole number from {lo} to {hi}, or a list of 1 to {max_len} of them"
+    return check
+
+
+def _list_of(allowed: tuple, max_len: int = 6):
+    def check(v):
+        if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= max_len or any(x not in allowed for x in v):
+            return f"a list of 1 to {max_len} of " + ", ".join(repr(a) for a in allowed)
+    return check
+
+
+_ACTS = ("silu", "swish", "gelu", "gelu_new", "quick_gelu", "relu", "mish")
+#: Values that decide a module's size get explicit bounds (generous for SD1, SD2, SDXL and their small test
+#: versions); every other constructor keyword may only be a small scalar (see _generic).
+_UNET_RULES = {
+    "sample_size": _int_or_list(1, 1024, 2), "in_channels": _int(1, 64), "out_channels": _int(1, 64),
+    "block_out_channels": _int_or_list(1, 4096), "layers_per_block": _int_or_list(1, 8),
+    "down_block_types": _list_of(("CrossAttnDownBlock2D", "DownBlock2D")),
+    "up_block_types": _list_of(("CrossAttnUpBlock2D", "UpBlock2D")),
+    "mid_block_type": _one_of("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None),
+    "transformer_layers_per_block": _int_or_list(1, 20), "attention_head_dim": _int_or_list(1, 512),
+    "num_attention_heads": lambda v: None if v is None else _int_or_list(1, 512)(v),
+    "cross_attention_dim": _int_or_list(1, 4096), "norm_num_groups": _int(1, 128), "act_fn": _one_of(*_ACTS),
+    "projection_class_embeddings_input_dim": lambda v: None if v is None else _int(1, 16384)(v),
+    "addition_time_embed_dim": lambda v: None if v is None else _int(1, 4096)(v),
+    "addition_embed_type": _one_of(None, "text_time"),
+}
+_VAE_RULES = {
+    "sample_size": _int_or_list(1, 4096, 2), "in_channels": _int(1, 64), "out_channels": _int(1, 64),
+    "block_out_channels": _int_or_list(1, 4096), "layers_per_block": _int(1, 8), "latent_channels": _int(1, 64),
+    "down_block_types": _list_of(("DownEncoderBlock2D",)), "up_block_types": _list_of(("UpDecoderBlock2D",)),
+    "norm_num_groups": _int(1, 128), "act_fn": _one_of(*_ACTS), "scaling_factor": _num(1e-4, 100.0),
+}
+_TEXT_RULES = {
+    "vocab_size": _int(1, 100_000), "hidden_size": _int(1, 4096), "intermediate_size": _int(1, 16384),
+    "num_hidden_layers": _int(1, 48), "num_attention_heads": _int(1, 64), "max_position_embeddings": _int(1, 1024),
+    "projection_dim": _int(1, 4096), "hidden_act": _one_of(*_ACTS), "layer_norm_eps": _num(0.0, 1.0),
+    "bos_token_id": _int(0, 100_000), "eos_token_id": _int(0, 100_000), "pad_token_id": _int(0, 100_000),
+}
+
+
+def _generic(v):
+    """Any other constructor keyword: a small scalar, or a short list of them."""
+    scalar = (lambda x: x is None or isinstance(x, bool) or (isinstance(x, int) and abs(x) <= 8192)
+              or (isinstance(x, float) and abs(x) <= 1e4) or (isinstance(x, str) and len(x) <= 64))
+    if isinstance(v, (list, tuple)):
+        if len(v) <= 8 and all(scalar(x) for x in v):
+            return None
+    elif scalar(v):
+        return None
+    return "a short value (a flag, a number up to 8192, a name, or a list of up to 8 of them)"
+
+
+def _allowed_keys(section: str) -> frozenset:
+    """The constructor keywords of the class a section builds: nothing else is passed to it."""
+    import inspect
+
+    if section == "unet":
+        from diffusers import UNet2DConditionModel as cls
+    elif section == "vae":
+        from diffusers import AutoencoderKL as cls
+    else:
+        import transformers
+
+        keys = set(transformers.CLIPTextConfig().to_dict()) | set(_TEXT_RULES)
+        return frozenset(k for k in keys if not k.startswith("_") and k not in ("auto_map", "transformers_version"))
+    return frozenset(n for n in inspect.signature(cls.__init__).parameters if n != "self")
+
+
+def check_section(section: str, cfg, where: str, *, strict: bool = True) -> None:
+    """Refuse a config dict read from a file unless every key is allowed (``strict``) and every value is
+    within its bounds: a file must not pick what gets called nor build millions of layers."""
+    rules = {"unet": _UNET_RULES, "vae": _VAE_RULES}.get(section.split("[")[0], _TEXT_RULES)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: {section} is {type(cfg).__name__}, not an object of settings")
+    allowed = _allowed_keys(section.split("[")[0]) if strict else None
+    for key, value in cfg.items():
+        if allowed is not None and key not in allowed:
+            raise ConfigError(f"{where}: {section}.{key} = {value!r:.80}: not an allowed setting of this model part")
+        why = (rules.get(key) or (_generic if strict else (lambda v: None)))(value)
+        if why:
+            raise ConfigError(f"{where}: {section}.{key} = {value!r:.80}: out of bounds (allowed: {why})")
+
+
+def check_configs(d, where: str) -> "ModelConfigs":
+    """``ModelConfigs`` from the JSON object a model file carries, checked key by key (see check_section)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: the configs are {type(d).__name__}, not an object")
+    top = ("name", "family", "unet", "vae", "text_encoders", "text_encoder_classes", "pad_tokens", "scaling_factor")
+    for key in d:
+        if key not in top:
+            raise ConfigError(f"{where}: {key} = {d[key]!r:.80}: not an allowed key (allowed: {', '.join(top)})")
+    missing = [k for k in top if k not in d]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)}")
+    name = d["name"]
+    if not isinstance(name, str) or len(name) > 200:
+        raise ConfigError(f"{where}: name = {name!r:.80}: not a name (allowed: text up to 200 characters)")
+    try:
+        family = Family(d["family"])
+    except ValueError:
+        raise ConfigError(f"{where}: family = {d['family']!r:.80}: unknown (allowed: "
+                          f"{', '.join(f.value for f in Family)})") from None
+    check_section("unet", d["unet"], where)
+    check_section("vae", d["vae"], where)
+    tes, classes, pads = d["text_encoders"], d["text_encoder_classes"], d["pad_tokens"]
+    for key, value in (("text_encoders", tes), ("text_encoder_classes", classes), ("pad_tokens", pads)):
+        if not isinstance(value, list) or not 1 <= len(value) <= 2:
+            raise ConfigError(f"{where}: {key} = {value!r:.80}: not a list of 1 or 2 entries")
+    if not len(tes) == len(classes) == len(pads):
+        raise ConfigError(f"{where}: text_encoders, text_encoder_classes and pad_tokens differ in length")
+    for i, te in enumerate(tes):
+        check_section(f"text_encoders[{i}]", te, where)
+    for key, values, allowed in (("text_encoder_classes", classes, TEXT_ENCODER_CLASSES), ("pad_tokens", pads, PAD_TOKENS)):
+        for i, v in enumerate(values):
+            if v not in allowed:
+                raise ConfigError(f"{where}: {key}[{i}] = {v!r:.80}: not allowed (allowed: "
+                                  f"{', '.join(repr(a) for a in allowed)})")
+    scale = d["scaling_factor"]
+    if _num(1e-4, 100.0)(scale):
+        raise ConfigError(f"{where}: scaling_factor = {scale!r:.80}: out of bounds (allowed: a number from 0.0001 to 100)")
+    return ModelConfigs(name=name, family=family, unet=dict(d["unet"]), vae=dict(d["vae"]), text_encoders=tuple(tes),
+                        text_encoder_classes=tuple(classes), pad_tokens=tuple(pads), scaling_factor=float(scale))
+
+
 def build_text_encoder(cfg: dict, cls_name: str):
     import transformers
 
+    if cls_name not in TEXT_ENCODER_CLASSES:  # never getattr(transformers, <a name from a file>)
+        raise ConfigError(f"text_encoder_classes: {cls_name!r} is not allowed (allowed: "
+                          f"{', '.join(TEXT_ENCODER_CLASSES)})")
     cls = getattr(transformers, cls_name)
     return cls(transformers.CLIPTextConfig(**cfg))
 

@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from ..atomic import atomic_write
-from .configs import ModelConfigs, build_models, configs_for
+from .configs import ConfigError, ModelConfigs, build_models, check_configs, check_section, configs_for
 from .convert import (
     VAE_PREFIX,
     canonical_te_keys,
@@ -239,13 +239,12 @@ def _configs_from_metadata(meta: Mapping, path: Path) -> Optional[ModelConfigs]:
         return None
     try:
         d = json.loads(raw)
-        return ModelConfigs(
-            name=d["name"], family=Family(d["family"]), unet=d["unet"], vae=d["vae"],
-            text_encoders=tuple(d["text_encoders"]), text_encoder_classes=tuple(d["text_encoder_classes"]),
-            pad_tokens=tuple(d["pad_tokens"]), scaling_factor=float(d["scaling_factor"]),
-        )
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
         raise ModelError(f"{path}: invalid {META_CONFIGS} metadata ({e})") from e
+    try:  # allow-listed keys and classes, every value bounded: the file decides nothing else
+        return check_configs(d, f"{path}: {META_CONFIGS}")
+    except ConfigError as e:
+        raise ModelError(str(e)) from None
 
 
 def _folder_family(path: Path, unet_cfg: Mapping) -> Family:
@@ -264,6 +263,23 @@ def _folder_family(path: Path, unet_cfg: Mapping) -> Family:
     return family_from_context_width(width, str(path))  # raises with the message
 
 
+def _check_folder_configs(path: Path, unet_cfg) -> None:
+    """A folder's config.json files are bounded as a file's metadata is (keys are diffusers' own to check)."""
+    parts = [("unet", "unet", unet_cfg)]
+    for section, sub in (("vae", "vae"), ("text_encoders[0]", "text_encoder"), ("text_encoders[1]", "text_encoder_2")):
+        f = path / sub / "config.json"
+        if f.is_file():
+            try:
+                parts.append((section, sub, json.loads(f.read_text())))
+            except ValueError as e:
+                raise ModelError(f"{f}: not a JSON config ({e})") from e
+    for section, sub, cfg in parts:
+        try:
+            check_section(section, cfg, str(path / sub / "config.json"), strict=False)
+        except ConfigError as e:
+            raise ModelError(str(e)) from None
+
+
 def _load_diffusers_folder(path: Path, v_pred: Optional[bool], dtype: torch.dtype) -> Components:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     import transformers
@@ -272,6 +288,7 @@ def _load_diffusers_folder(path: Path, v_pred: Optional[bool], dtype: torch.dtyp
     if not unet_cfg_file.is_file():
         raise ModelError(f"{path}: diffusers folder without unet/config.json")
     unet_cfg = json.loads(unet_cfg_file.read_text())
+    _check_folder_configs(path, unet_cfg)
     family = _folder_family(path, unet_cfg)
     sched = path / "scheduler" / "scheduler_config.json"
     sched_cfg = json.loads(sched.read_text()) if sched.is_file() else {}
