@@ -177,14 +177,65 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir, steps=args.steps)
 
 
+def _console_logging() -> None:
+    """The standalone app's console: TrainTrain's own lines (job started/failed with its traceback, settings
+    saved, skipped images, caption warnings, a set-aside queue file). Only here, never at import: inside the
+    Web-UI the host owns logging."""
+    import logging
+
+    if not logging.root.handlers:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("traintrain", "trainer"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _port_problem(host: str, port: int) -> str:
+    """Why the app cannot serve on host:port, or "" (checked before gradio starts, which would raise)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        return f"--port {port}: out of range (allowed: 1 to 65535)"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if os.name != "nt":  # as the server will bind (a port in TIME_WAIT is free); on Windows this would steal it
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return f"--port {port}: {host}:{port} cannot be used ({e.strerror or e}); choose another port"
+    return ""
+
+
 def cmd_ui(args) -> int:
-    from .jobs import StandaloneHost
+    from .jobs import QueueError, StandaloneHost
     from .ui import launch
 
+    auth = None
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            print(f"error: --auth {args.auth!r}: expected user:password (both non-empty)", file=sys.stderr)
+            return 2
+        auth = (user, password)
+    server = "0.0.0.0" if args.listen else "127.0.0.1"
+    problem = _port_problem(server, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    _console_logging()
     host = StandaloneHost(args.workdir, model_dir=args.model_dir, lora_dir=args.lora_dir)
     where = "0.0.0.0 (all interfaces)" if args.listen else "127.0.0.1"
     print(f"TrainTrain UI on {where}:{args.port}; LoRAs go to {host.paths().lora_dir}", file=sys.stderr)
-    launch(host, port=args.port, listen=args.listen, lang=args.lang)
+    if args.listen and auth is None:
+        print("warning: --listen without --auth: anyone who can reach this machine can start trainings and read "
+              "your settings; add --auth user:password", file=sys.stderr)
+    try:
+        launch(host, port=args.port, listen=args.listen, lang=args.lang, auth=auth)
+    except QueueError as e:  # another app owns this workdir's queue
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the port was taken between the check and the start
+        print(f"error: --port {args.port}: could not serve on {server}:{args.port} ({e})", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -232,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("."), help="where logs/, jsons/, presets/, cache/ go")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="serve on all interfaces, not only 127.0.0.1")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="ask for this user name and password (gradio's login); use it with --listen")
     p.add_argument("--lang", default="en", choices=["en", "ja"], help="language of the settings' help")
     p.set_defaults(func=cmd_ui)
     args = parser.parse_args(argv)
