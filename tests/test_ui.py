@@ -2,6 +2,7 @@
 (mode visibility, presets, validation, start -> a real job on the tiny model with live status and
 plot, queue add / duplicate / delete, the Plot tab)."""
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -204,8 +205,9 @@ def test_an_existing_output_is_refused_before_queueing(ui, images, tmp_path):
 
 def test_queue_add_duplicate_delete_and_persistence(ui, images, tmp_path):
     msg, table, choices = ui.add_to_queue(*values_for(ui, small(images, "q1")))
-    assert msg == "Added q1 to the queue (job 1); press Run Queue or Start Training"
-    assert upd(table)["value"] == [["1", "q1", "LoRA", QUEUED, ""]]
+    tiny = ui.host.TINY_LABEL
+    assert msg == f"Added q1 to the queue (job 1); press Run Queue or Start Training · model: {tiny}"
+    assert upd(table)["value"] == [["1", "q1", "LoRA", QUEUED, "", tiny]]
     assert upd(choices)["choices"] == ["1: q1 (queued)"]
     assert "already queued" in ui.add_to_queue(*values_for(ui, small(images, "q1")))[0]
     ui.add_to_queue(*values_for(ui, small(images, "q2")))
@@ -221,28 +223,37 @@ def test_queue_add_duplicate_delete_and_persistence(ui, images, tmp_path):
 
 
 def test_start_runs_a_job_with_live_status_and_plot_and_saves(ui, images, tmp_path):
+    # the job waits at steps 3 and 6 until the test has polled: no race with a machine that trains 8 steps
+    # between two polls
+    holds = {3: (threading.Event(), threading.Event()), 6: (threading.Event(), threading.Event())}
+
+    def hold(p):
+        if p.phase == "train" and p.step in holds and not holds[p.step][0].is_set():
+            holds[p.step][0].set()
+            holds[p.step][1].wait(60)
+
+    ui.host.on_progress = hold
     msg, table, _ = ui.start(*values_for(ui, small(images, "ui_run", iterations=8)))
-    assert msg == "Started ui_run (job 1, LoRA)"
-    statuses, figures, tables, state = [], [], [], {}
-    deadline = time.time() + 600
-    while ui.queue.busy and time.time() < deadline:
-        status, plot, table, choices, state = ui.poll(state)
+    assert msg == f"Started ui_run (job 1, LoRA) · model: {ui.host.TINY_LABEL}"
+    statuses, figures, tables, logs, state = [], [], [], [], {}
+    for step, (reached, release) in holds.items():
+        assert reached.wait(600), f"the job never reached step {step}"
+        status, plot, table, choices, log, state = ui.poll(state)
         statuses.append(status)
-        if upd(plot).get("value") is not None:
-            figures.append(upd(plot)["value"])
+        figures.append(upd(plot).get("value"))
+        logs.append(upd(log).get("value"))
         if "value" in upd(table):  # the table is only sent when it changed
             tables.append(upd(table)["value"])
-        time.sleep(0.05)
-    assert not ui.queue.busy
-    training = [s for s in statuses if s.startswith("Training ui_run (job 1) · step ")]
-    assert training, statuses[-5:]
-    assert any(" · step 8/8 · " in s for s in training) or any("step 7/8" in s for s in training)
-    sample = training[-1]
-    for part in ("loss ", "(avg ", "lr ", " s/it", "ETA "):
-        assert part in sample
-    assert figures, "the live plot never updated"
-    assert len({len(f.axes[0].lines[0].get_xdata()) for f in figures}) >= 2  # it grew while training
-    status, plot, table, choices, state = ui.poll(state)
+        release.set()
+    assert ui.queue.wait(600)
+    assert statuses[0].startswith("Training ui_run (job 1) · step 3/8 · ") and " · step 6/8 · " in statuses[1]
+    for part in ("loss ", "(avg ", "lr ", " s/it", "ETA ", f"model: {ui.host.TINY_LABEL}"):
+        assert part in statuses[1]
+    assert all(f is not None for f in figures), "the live plot never updated"
+    assert [len(f.axes[0].lines[0].get_xdata()) for f in figures] == [3, 6]  # it grew while training
+    assert logs[0].startswith(f"Job 1 (ui_run, running) · model: {ui.host.TINY_LABEL}")  # the tab's job log
+    assert "Start training: mode LoRA" in logs[0]
+    status, plot, table, choices, log, state = ui.poll(state)
     assert status.startswith("Idle · last: ui_run (job 1) done: Saved ")
     assert (tmp_path / "output" / "ui_run.safetensors").is_file()
     if "value" in upd(table):
@@ -259,11 +270,11 @@ def test_start_runs_a_job_with_live_status_and_plot_and_saves(ui, images, tmp_pa
 
 
 def test_poll_reports_no_change_when_nothing_changed(ui, images):
-    _, _, _, _, state = ui.poll({})
-    status, plot, table, choices, state2 = ui.poll(state)
-    assert upd(table) == {} and upd(choices) == {} and upd(plot) == {}
+    _, _, _, _, _, state = ui.poll({})
+    status, plot, table, choices, log, state2 = ui.poll(state)
+    assert upd(table) == {} and upd(choices) == {} and upd(plot) == {} and upd(log) == {}
     ui.add_to_queue(*values_for(ui, small(images, "changed")))
-    status, plot, table, choices, state3 = ui.poll(state2)
+    status, plot, table, choices, log, state3 = ui.poll(state2)
     assert upd(table)["value"][0][1] == "changed" and status == "Idle · 1 queued"
 
 
@@ -294,11 +305,13 @@ def test_model_and_vae_lists_refresh(ui, tmp_path):
     assert upd(u.refresh_vaes()[0])["choices"] == ["None", "my_vae.safetensors"]
     values = values_for(u, Config.defaults(), model="mine.safetensors")
     assert u.config_from_values(values)[0].model == "mine.safetensors"
-    assert u.config_from_values(values_for(u, Config.defaults()))[0].model == ""
+    assert u.config_from_values(values_for(u, Config.defaults(), model=host.TINY_LABEL))[0].model == ""
+    assert host.default_model() == "mine.safetensors"  # a real model listed: the tiny one is not the default
 
 
-def test_the_cli_has_a_ui_command_that_listens_on_localhost_only():
+def test_the_cli_has_a_ui_command_that_listens_on_localhost_only(monkeypatch, capsys):
     from trainer.__main__ import main
+    import trainer.__main__ as cli
     import trainer.ui as ui_module
 
     seen = {}
@@ -306,14 +319,100 @@ def test_the_cli_has_a_ui_command_that_listens_on_localhost_only():
     def fake_launch(host, **kw):
         seen.update(kw, host=host)
 
-    orig = ui_module.launch
-    ui_module.launch = fake_launch
+    monkeypatch.setattr(ui_module, "launch", fake_launch)
+    monkeypatch.setattr(cli, "_port_problem", lambda host, port: "")  # the ports may be busy on this machine
+    assert main(["ui", "--port", "7999", "--workdir", "/tmp/tt-ui-cli"]) == 0
+    assert seen["port"] == 7999 and seen["listen"] is False and seen["auth"] is None
+    assert "warning" not in capsys.readouterr().err
+    assert main(["ui", "--listen"]) == 0 and seen["listen"] is True and seen["port"] == 7860
+    assert "warning: --listen without --auth" in capsys.readouterr().err
+    assert main(["ui", "--listen", "--auth", "me:s3cret:x"]) == 0 and seen["auth"] == ("me", "s3cret:x")
+    assert "warning" not in capsys.readouterr().err
+    assert main(["ui", "--auth", "nopassword"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --auth 'nopassword': expected user:password (both non-empty)"
+
+
+def test_ui_port_busy_or_out_of_range_is_one_line(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from trainer.__main__ import main
+    import trainer.ui as ui_module
+
+    monkeypatch.setattr(ui_module, "launch", lambda *a, **k: pytest.fail("must not start"))
+    for port in ("0", "70000"):
+        assert main(["ui", "--port", port, "--workdir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --port {port}: out of range (allowed: 1 to 65535)\n"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["ui", "--port", str(port), "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --port {port}: 127.0.0.1:{port} cannot be used (") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_a_second_ui_on_one_workdir_is_refused_naming_the_workdir_and_owner(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from trainer.__main__ import main
+    import trainer.__main__ as cli
+
+    monkeypatch.setattr(cli, "_port_problem", lambda host, port: "")
+    code = ("import sys; from trainer.jobs import JobQueue; JobQueue(sys.argv[1], None); "
+            "print('owner', flush=True); sys.stdin.read()")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "jsons")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        assert main(["ui", "--port", "7999", "--workdir", "/tmp/tt-ui-cli"]) == 0
-        assert seen["port"] == 7999 and seen["listen"] is False
-        assert main(["ui", "--listen"]) == 0 and seen["listen"] is True and seen["port"] == 7860
+        assert owner.stdout.readline().strip() == "owner"
+        assert main(["ui", "--workdir", str(tmp_path), "--port", "7861"]) == 2
     finally:
-        ui_module.launch = orig
+        owner.stdin.close()
+        owner.wait(10)
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"error: the queue in {tmp_path / 'jsons'} is owned by another TrainTrain process "
+                              f"(pid {owner.pid})")
+    assert not any("Traceback" in line for line in err)
+
+
+def test_the_standalone_app_serves_no_queue_json_and_asks_for_a_password(tmp_path, monkeypatch):
+    """gradio's file route: the queue file (every job's settings and absolute paths) is not served."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from trainer.ui import blocked_paths, launch
+
+    host = StandaloneHost(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    u = launch(host, port=port, block=False, auth=("me", "pw"))
+    try:
+        u.queue.add(Config.defaults("LoRA").replace(save_lora_name="secret_job"))
+        queue_file = (tmp_path / "jsons" / "queue.json").resolve()
+        assert "secret_job" in queue_file.read_text(encoding="utf-8")
+        assert str(queue_file.parent) in blocked_paths(host) and str(tmp_path.resolve()) in blocked_paths(host)
+        codes = []
+        for route in ("gradio_api/file=", "file="):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/{route}{queue_file}", timeout=30) as r:
+                    body = r.read()
+                    codes.append((r.status, b"secret_job" in body))
+            except urllib.error.HTTPError as e:
+                codes.append((e.code, b"secret_job" in e.read()))
+        assert all(code >= 400 and not leaked for code, leaked in codes), codes
+        # the login: the page's config is refused without it
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30)
+            raise AssertionError("the app answered without the password")
+        except urllib.error.HTTPError as e:
+            assert e.code in (401, 403)
+    finally:
+        u.blocks.close()
 
 
 def test_help_texts_follow_the_language(tmp_path):
@@ -353,3 +452,173 @@ def test_uploaded_images_pass_gradio_even_with_forges_save_pil_to_cache(ui, imag
     for attr, p in zip(("original_image", "target_image"), src):
         with Image.open(getattr(kept, attr)) as a, Image.open(p) as b:
             assert a.convert("RGBA").tobytes() == b.convert("RGBA").tobytes()
+
+
+# --- issue 10: the tab's own inputs and notices ---------------------------------------------------------
+
+def test_add_and_run_with_an_unwritable_queue_file_say_why_and_never_hang(ui, images, monkeypatch):
+    import errno
+
+    import trainer.jobs as jobs_module
+
+    real = jobs_module._atomic_json
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(jobs_module, "_atomic_json", full)
+    msg = ui.add_to_queue(*values_for(ui, small(images, "q_full")))[0]
+    assert msg.startswith("Error: q_full was not added: could not save the queue file") and "No space left" in msg
+    assert ui.queue.jobs() == []
+    monkeypatch.setattr(jobs_module, "_atomic_json", real)
+    ui.add_to_queue(*values_for(ui, small(images, "q_full")))
+    monkeypatch.setattr(jobs_module, "_atomic_json", full)
+    ui.run_queue()
+    assert ui.queue.wait(30)
+    job = ui.queue.jobs()[0]
+    assert job.status == "failed" and "No space left" in job.message
+    assert ui.stop() == "Nothing is training" and "q_full (job 1) failed: Not started: could not save" in ui.status_line()
+
+
+def test_a_set_aside_queue_file_is_announced_in_the_tab(tmp_path):
+    (tmp_path / "jsons").mkdir()
+    (tmp_path / "jsons" / "queue.json").write_text('{"version": 1, "next_id": 3, "jobs": [{"id": "two", '
+                                                   '"name": "x", "mode": "LoRA", "settings": {}}]}', encoding="utf-8")
+    u = TrainTrainUI(StandaloneHost(tmp_path))
+    u.build()
+    aside = list((tmp_path / "jsons").glob("queue.broken-*.json"))
+    assert len(aside) == 1 and "two" in aside[0].read_text(encoding="utf-8")
+    for shown in (u.widgets["message"].value, u.status_line(), u.job_log()):
+        assert "could not be read" in shown and str(aside[0]) in shown and "'id'" in shown
+
+
+def _real_models(tmp_path):
+    """A --model-dir with one checkpoint listed (the list reads names only; nothing is loaded here)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "real.safetensors").write_bytes(b"")
+    return models
+
+
+def test_presets_never_switch_the_model_the_data_or_the_name(tmp_path, images):
+    host = StandaloneHost(tmp_path, model_dir=_real_models(tmp_path))
+    u = TrainTrainUI(host, queue=JobQueue(tmp_path / "q", lambda c, ctl: None))
+    u.build()
+    assert host.default_model() == "real.safetensors" and u.widgets["model"].value == "real.safetensors"
+    for preset in ("LoRA", "Difference", "iLECO"):
+        out = u.load_preset(preset)
+        vals = dict(zip(u.input_names, out[1:1 + len(u.input_names)]))
+        for kept in ("model", "vae", "1:lora_data_directory", "1:save_lora_name"):
+            assert "value" not in upd(vals[kept]), (preset, kept, vals[kept])
+    (u.user_preset_dir).mkdir(parents=True)
+    mine = Config.defaults("LoRA").replace(model="real.safetensors", lora_data_directory=str(images),
+                                           save_lora_name="from_preset")
+    mine.save_preset(u.user_preset_dir / "full.json")
+    vals = dict(zip(u.input_names, u.load_preset("full")[1:1 + len(u.input_names)]))
+    assert upd(vals["model"])["value"] == "real.safetensors"
+    assert upd(vals["1:lora_data_directory"])["value"] == str(images)
+    assert upd(vals["1:save_lora_name"])["value"] == "from_preset"
+    msg = u.add_to_queue(*values_for(u, small(images, "on_real"), model="real.safetensors"))[0]
+    assert msg.endswith("· model: real.safetensors")
+    assert upd(u.queue_view()[0])["value"][0][-1] == "real.safetensors"
+
+
+def test_preset_names_from_a_request_stay_in_the_presets_folder(ui, tmp_path):
+    outside = tmp_path / "outside.json"
+    Config.defaults("LoRA").replace(save_lora_name="stolen").save_preset(outside)
+    (ui.user_preset_dir).mkdir(parents=True, exist_ok=True)
+    for name in ("../outside", str(tmp_path / "outside"), "../../" + str(tmp_path / "outside").lstrip("/")):
+        msg = ui.load_preset(name)[0]
+        assert msg.startswith("Error: preset ") and "not found" in msg, (name, msg)
+
+
+def test_image_paths_from_a_request_must_be_uploads_of_the_tab(ui, tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the queue")
+    cfg = Config.load_preset(ROOT / "presets" / "Difference.json").with_overrides({"save_lora_name": "pair"})
+    for value in (str(secret), {"path": str(secret)}, "/tmp/traintrain-uploads/../../" + str(secret).lstrip("/")):
+        msg = ui.add_to_queue(*values_for(ui, cfg, original_image=value, target_image=value))[0]
+        assert msg.startswith("Error: original_image: ") and "not an image uploaded in the Original image" in msg
+    assert ui.queue.jobs() == []
+
+
+def _huge_png(path, w, h):
+    """A PNG whose header says w x h (a few bytes on disk): what Pillow's decompression-bomb check sees."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (3 * w + 1)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_unreadable_upload_and_a_size_mismatch_name_the_widgets(ui, tmp_path):
+    from PIL import Image
+
+    w = ui.widgets
+    bomb = _huge_png(tmp_path / "huge.png", 20000, 20000)
+    bad = w["original_image"].preprocess(w["original_image"].data_model(path=str(bomb), orig_name="huge.png"))
+    cfg = Config.load_preset(ROOT / "presets" / "Difference.json").with_overrides({"save_lora_name": "pair"})
+    small_img = Image.new("RGBA", (64, 64), (255, 0, 0, 255))
+    msg = ui.add_to_queue(*values_for(ui, cfg, original_image=bad, target_image=small_img))[0]
+    assert msg.startswith("Error: original_image: the Original image upload could not be read "
+                          "(DecompressionBombError: Image size (400000000 pixels)"), msg
+    assert msg.count("\n") == 0 and "Traceback" not in msg
+    other = Image.new("RGBA", (96, 64), (0, 0, 255, 255))
+    msg = ui.add_to_queue(*values_for(ui, cfg, original_image=small_img, target_image=other))[0]
+    assert "Original image is 64x64, Target image is 96x64" in msg, msg
+    assert "traintrain-uploads" not in msg and ".png" not in msg
+    assert ui.queue.jobs() == []
+
+
+def test_the_job_log_shows_a_failed_jobs_traceback_and_the_data_warnings(tmp_path):
+    import logging
+
+    def runner(cfg, control):
+        control.log("Settings saved to /somewhere.json")
+        logging.getLogger("trainer.data.dataset").warning("skipped broken.png: not an image")
+        raise RuntimeError("boom while loading")
+
+    u = TrainTrainUI(StandaloneHost(tmp_path), queue=JobQueue(tmp_path / "q", runner, console=lambda m: None))
+    u.queue.add(Config.defaults("LoRA").replace(save_lora_name="logged"))
+    u.queue.start()
+    assert u.queue.wait(10)
+    text = u.job_log()
+    assert text.startswith(f"Job 1 (logged, failed) · model: {u.host.TINY_LABEL}")
+    for line in ("Settings saved to /somewhere.json", "skipped broken.png: not an image",
+                 "Traceback (most recent call last)", "RuntimeError: boom while loading"):
+        assert line in text
+
+
+def test_the_standalone_entry_prints_the_queues_lines_to_the_console(tmp_path, monkeypatch):
+    """`python -m trainer ui` configures logging (the library never does at import): job lines, a failed job's
+    traceback and the data code's warnings reach the console."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys\n"
+        "import trainer.__main__ as cli, trainer.jobs, types\n"
+        "assert not logging.root.handlers, 'configured at import'\n"
+        "cli._port_problem = lambda h, p: ''\n"
+        "def fake_launch(host, **kw):\n"
+        "    from trainer.jobs import JobQueue\n"
+        "    from trainer.config import Config\n"
+        "    def runner(cfg, control):\n"
+        "        logging.getLogger('trainer.data.captions').warning('caption of a.png cut at 75 tokens')\n"
+        "        raise RuntimeError('boom')\n"
+        "    q = JobQueue(host.paths().json_dir, runner)\n"
+        "    q.add(Config.defaults('LoRA').replace(save_lora_name='c'))\n"
+        "    q.start(); q.wait(30)\n"
+        "sys.modules['trainer.ui'] = types.SimpleNamespace(launch=fake_launch)  # no gradio: a quick test\n"
+        "sys.exit(cli.main(['ui', '--workdir', sys.argv[1]]))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    for line in ("TrainTrain: job 1 (c, LoRA) started", "caption of a.png cut at 75 tokens",
+                 "RuntimeError: boom", "TrainTrain: job 1 (c) failed: Error: boom"):
+        assert line in r.stderr, r.stderr

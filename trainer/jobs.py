@@ -674,7 +674,9 @@ class StandaloneHost:
         return ["None"] + found
 
     def default_model(self) -> str:
-        return self.TINY_LABEL
+        """The first real model of ``model_dir``; the tiny test model only when there is none."""
+        real = [m for m in self.model_choices() if m != self.TINY_LABEL]
+        return real[0] if real else self.TINY_LABEL
 
     def model_value(self, label: str | None) -> str:
         """Dropdown label -> Config.model."""

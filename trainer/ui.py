@@ -40,7 +40,11 @@ CSS_FILE = ROOT / "style.css"
 GRADIO_VERSION = tuple(int(x) for x in gr.__version__.split(".")[:2] if x.isdigit())
 PAIR_MODES = ("Difference", "ADDifT")
 PROMPT_MODES = ("iLECO", "Difference", "ADDifT")
-QUEUE_HEADERS = ["Job", "Name", "Mode", "Status", "Result"]
+QUEUE_HEADERS = ["Job", "Name", "Mode", "Status", "Result", "Model"]
+#: Settings a preset leaves alone when it does not set them (empty, or the default name "untitled"):
+#: they belong to the user's job, not to the recipe (shipped presets carry "model": "", "lora_data_directory": "").
+PRESET_KEEPS = ("lora_data_directory", "save_lora_name")
+IMAGE_LABELS = {"original_image": "Original image", "target_image": "Target image"}
 POLL_SECONDS = 1.0
 NO_PRESET = ""
 
@@ -148,8 +152,8 @@ class TrainTrainUI:
             d[attr] = v[attr] or ""
         files = {}
         for attr in ("original_image", "target_image"):
-            path = _image_path(v[attr])
-            if path and mode in PAIR_MODES:
+            path = _image_path(v[attr], attr) if mode in PAIR_MODES else ""  # hidden widgets do not count
+            if path:
                 files[attr] = path
                 d[attr] = path
         return Config.from_dict(d), files
@@ -190,22 +194,34 @@ class TrainTrainUI:
             mode_obj = mode_for(mode)
         except NotImplementedError as e:
             raise SettingError(str(e), setting="mode", value=mode) from None
-        if hasattr(mode_obj, "check"):  # the mode's own input checks (prompts, image pair, suffix)
+        from .preflight import check_settings
+
+        checks = [mode_obj.check] if hasattr(mode_obj, "check") else []
+        for check in checks + [check_settings]:  # the mode's inputs, then optimizer/scheduler args, network_resume
             try:
-                mode_obj.check(cfg)
-            except SettingError:
-                raise
+                check(cfg)
+            except SettingError as e:
+                raise SettingError(_name_uploads(str(e), cfg), setting=e.setting, value=e.value) from None
             except ValueError as e:
-                raise SettingError(str(e)) from None
+                raise SettingError(_name_uploads(str(e), cfg)) from None
 
     def config_updates(self, cfg: Config) -> list:
         """Updates for every settings widget (input_names order) showing ``cfg``, with the visibility of its mode."""
         second = cfg.second_pass or cfg
-        out = [_upd(value=cfg.mode), _no_change(), _upd(value=cfg.vae or "None")]
+        # an empty model / VAE means "not set here": the user's choice stays (never the tiny test model)
+        out = [_upd(value=cfg.mode), _no_change(), _no_change()]
         model_label = self.host.model_label(cfg.model)
-        if model_label in self.host.model_choices():
+        if cfg.model and model_label in self.host.model_choices():
             out[1] = _upd(value=model_label)
-        out += [_upd(value=_ui_value(s, getattr(cfg, s.name)), visible=s.visible_in(cfg.mode)) for s in PASS1]
+        if cfg.vae and cfg.vae != "None":
+            out[2] = _upd(value=cfg.vae)
+        defaults = {s.name: s.default for s in PASS1}
+        for s in PASS1:
+            value = getattr(cfg, s.name)
+            if s.name in PRESET_KEEPS and (value in ("", None) or value == defaults[s.name]):
+                out.append(_upd(visible=s.visible_in(cfg.mode)))
+            else:
+                out.append(_upd(value=_ui_value(s, value), visible=s.visible_in(cfg.mode)))
         out += [_upd(value=_ui_value(s, getattr(second, s.name))) for s in PASS2]
         out += [_upd(value=cfg.original_prompt), _upd(value=cfg.target_prompt), _upd(value=cfg.negative_prompt)]
         for attr in ("original_image", "target_image"):
@@ -258,7 +274,11 @@ class TrainTrainUI:
         else:
             msg = f"Added {job.name} to the queue (job {job.id})"
             msg += "; it runs after the current job" if self.queue.busy else "; press Run Queue or Start Training"
-        return [msg] + self.queue_view()
+        return [f"{msg} · model: {self.job_model(job)}"] + self.queue_view()
+
+    def job_model(self, job) -> str:
+        """The model a job trains on, as the Model list names it."""
+        return self.host.model_label((job.settings or {}).get("model") or "")
 
     def stop(self) -> str:
         return self.queue.stop()
@@ -294,9 +314,9 @@ class TrainTrainUI:
                 lp = self.queue.live()
                 if lp and lp.total:
                     result = f"step {lp.step}/{lp.total}"
-            rows.append([str(j.id), j.name, j.mode, j.status, result])
+            rows.append([str(j.id), j.name, j.mode, j.status, result, self.job_model(j)])
             choices.append(f"{j.id}: {j.name} ({j.status})")
-        table = _upd(value=rows or [["", "", "", "", "(the queue is empty)"]])
+        table = _upd(value=rows or [["", "", "", "", "(the queue is empty)", ""]])
         return [table, _upd(choices=choices, value=None)]
 
     # --- presets ---------------------------------------------------------------------------
@@ -308,9 +328,11 @@ class TrainTrainUI:
         return sorted(names, key=str.casefold)
 
     def preset_path(self, name: str) -> Path | None:
+        """The preset file of a listed name; a name that leaves its folder (a crafted request under gradio 3.41,
+        which does not check a dropdown's value against its choices) is never opened."""
         for d in [self.user_preset_dir, *self.preset_dirs]:
-            p = Path(d) / f"{name}.json"
-            if p.is_file():
+            p = _inside(Path(d), f"{name}.json")
+            if p is not None and p.is_file():
                 return p
         return None
 
@@ -378,15 +400,34 @@ class TrainTrainUI:
             if jobs:
                 last = max(jobs, key=lambda j: j.finished_at or 0)
                 return f"Idle · last: {last.name} (job {last.id}) {last.status}: {last.message}{tail}"
+            if self.queue.notice and not self.queue.jobs():  # until the first new job: the old queue is not lost
+                return f"Idle · {self.queue.notice}"
             return f"Idle{tail}"
+        try:
+            model = f" · model: {self.job_model(self.queue.get(lp.job_id))}"
+        except QueueError:
+            model = ""
         if lp.phase == "train" and lp.total:
             lrs = " ".join(f"{x:.2e}" for x in lp.lrs) or "?"
             name = lp.pass_name or lp.name
             return (f"Training {name} (job {lp.job_id}) · step {lp.step}/{lp.total} · loss {lp.loss:.4f} "
-                    f"(avg {lp.loss_avg:.4f}) · lr {lrs} · {lp.sec_per_it:.2f} s/it · ETA {_hms(lp.eta_s)}{tail}")
+                    f"(avg {lp.loss_avg:.4f}) · lr {lrs} · {lp.sec_per_it:.2f} s/it · ETA {_hms(lp.eta_s)}{model}{tail}")
         what = {"prepare": "Preparing", "save": "Saving", "done": "Finishing"}.get(lp.phase, lp.phase.title())
         msg = f": {lp.message}" if lp.message else ""
-        return f"{what} {lp.name} (job {lp.job_id}){msg}{tail}"
+        return f"{what} {lp.name} (job {lp.job_id}){msg}{model}{tail}"
+
+    def job_log(self) -> str:
+        """The running or last job's log lines (settings saved, skipped images, warnings, a failure's traceback)."""
+        job_id = self.queue.log_job()
+        lines = self.queue.log_lines(200)
+        if job_id is None:
+            return self.queue.notice
+        try:
+            job = self.queue.get(job_id)
+            head = f"Job {job.id} ({job.name}, {job.status}) · model: {self.job_model(job)}"
+        except QueueError:
+            head = f"Job {job_id}"
+        return "\n".join([head, *lines])
 
     def live_plot(self, last_key: Any = None) -> tuple[Any, Any]:
         """-> (Figure or None when there is nothing new, key of what is drawn)."""
@@ -403,7 +444,7 @@ class TrainTrainUI:
         return plot_log(path), key
 
     def poll(self, state: dict | None) -> list:
-        """Timer tick -> [status line, live plot, queue table, job choices, state]."""
+        """Timer tick -> [status line, live plot, queue table, job choices, job log, state]."""
         state = dict(state or {})
         status = self.status_line()
         fig, key = self.live_plot(state.get("plot"))
@@ -415,7 +456,12 @@ class TrainTrainUI:
             table, choices = self.queue_view()
         else:
             table, choices = _no_change(), _no_change()
-        return [status, plot, table, choices, state]
+        text = self.job_log()
+        log = _no_change()
+        if state.get("log") != text:
+            state["log"] = text
+            log = _upd(value=text)
+        return [status, plot, table, choices, log, state]
 
     # --- Plot tab ----------------------------------------------------------------------------
     def log_files(self) -> list[str]:
@@ -497,7 +543,7 @@ class TrainTrainUI:
         with gr.Row(elem_id="tt_top"):
             with _make(gr.Column, scale=3):
                 w["message"] = _make(gr.Textbox, label="Message", elem_id="tt_message", interactive=False, lines=1,
-                                     max_lines=6)
+                                     max_lines=6, value=self.queue.notice)
                 w["status"] = _make(gr.Textbox, label="Status", elem_id="tt_status", interactive=False,
                                     value=self.status_line(), lines=1, max_lines=2)
             with _make(gr.Column, scale=2, min_width=320):
@@ -522,6 +568,9 @@ class TrainTrainUI:
         with gr.Row():
             with _make(gr.Column, scale=3):
                 w["live_plot"] = _make(gr.Plot, label="Loss (live)", elem_id="tt_live_plot")
+                with _make(gr.Accordion, "Job log", open=False, elem_id="tt_log_acc"):
+                    w["job_log"] = _make(gr.Textbox, label="Running or last job", elem_id="tt_job_log",
+                                         interactive=False, lines=6, max_lines=20, value=self.job_log())
             with _make(gr.Column, scale=2):
                 with _make(gr.Accordion, "Queue", open=True, elem_id="tt_queue_acc"):
                     w["queue_table"] = _make(gr.Dataframe, headers=QUEUE_HEADERS, value=self.queue_view()[0]["value"],
@@ -559,6 +608,8 @@ class TrainTrainUI:
                                             elem_id="tt_original_image")
                 w["target_image"] = _make(gr.Image, label="Target image", type="pil", image_mode="RGBA",
                                           elem_id="tt_target_image")
+                for attr in IMAGE_LABELS:
+                    _guard_preprocess(w[attr], IMAGE_LABELS[attr])
         pass1: dict[str, Any] = {}
         _make(gr.Markdown, "### Required parameters")
         self._grid([s for s in REQUIRED if s in PASS1], "tt_", mode, pass1)
@@ -613,7 +664,7 @@ class TrainTrainUI:
         w["log_refresh"].click(self.refresh_logs, inputs=None, outputs=[w["log_file"]])
         w["log_draw"].click(self.draw_log, inputs=[w["log_file"]], outputs=[w["log_plot"], w["log_message"]])
         w["log_file"].change(self.draw_log, inputs=[w["log_file"]], outputs=[w["log_plot"], w["log_message"]])
-        poll_out = [w["status"], w["live_plot"], w["queue_table"], w["job_choice"], w["poll_state"]]
+        poll_out = [w["status"], w["live_plot"], w["queue_table"], w["job_choice"], w["job_log"], w["poll_state"]]
         if hasattr(gr, "Timer"):  # gradio >= 4.40 (Forge, standalone)
             w["timer"] = gr.Timer(POLL_SECONDS)
             w["timer"].tick(self.poll, inputs=[w["poll_state"]], outputs=poll_out, **_quiet(w["timer"].tick))
@@ -639,16 +690,82 @@ def _quiet(listener) -> dict:
     return {"show_progress": "hidden"} if "show_progress" in params else {}
 
 
-def _image_path(value: Any) -> str:
+class _BadUpload:
+    """What an image widget gives the handler when gradio could not read the upload (a decompression bomb,
+    a damaged file): the handler answers with one line naming the widget instead of a gradio toast."""
+
+    def __init__(self, label: str, error: BaseException):
+        self.label, self.error = label, error
+
+    def message(self, attr: str) -> str:
+        return (f"{attr}: the {self.label} upload could not be read ({type(self.error).__name__}: {self.error}); "
+                f"allowed: a PNG/JPEG/WebP image below Pillow's limit of {_pixel_limit()} pixels")
+
+
+def _pixel_limit() -> str:
+    from PIL import Image
+
+    return f"{Image.MAX_IMAGE_PIXELS:,}" if Image.MAX_IMAGE_PIXELS else "no"
+
+
+def _guard_preprocess(widget, label: str) -> None:
+    """Wrap the widget's preprocess (gradio 3.41, 4, 6 all call ``block.preprocess``) so an unreadable upload
+    reaches the handler as a _BadUpload."""
+    inner = widget.preprocess
+
+    def preprocess(payload):
+        try:
+            return inner(payload)
+        except Exception as e:  # noqa: BLE001 - any decoding error of the upload
+            return _BadUpload(label, e)
+
+    widget.preprocess = preprocess
+
+
+def _upload_roots() -> list[Path]:
+    """Where an image a request names by path may be: the tab's own uploads and gradio's upload cache."""
+    tmp = Path(tempfile.gettempdir())
+    roots = [tmp / "traintrain-uploads", tmp / "gradio"]
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        roots.append(Path(os.environ["GRADIO_TEMP_DIR"]))
+    return [r.resolve() for r in roots]
+
+
+def _inside(root: Path, name: str) -> Path | None:
+    """``root/name`` resolved, or None when it is not inside ``root`` (``..``, an absolute name, a link out)."""
+    if not name or "\x00" in name:
+        return None
+    root = root.resolve()
+    path = (root / name).resolve()
+    return path if root in path.parents else None
+
+
+def _image_path(value: Any, attr: str = "original_image") -> str:
     """A path for an image widget's value: gr.Image(type="pil") gives a PIL image (saved here as a PNG
-    named by its content, the queue then copies it); a path, or a dict with "path"/"name", is kept."""
+    named by its content, the queue then copies it). A path, or a dict with "path"/"name", is kept only
+    inside the upload folders: a request must not make the queue copy an arbitrary file."""
+    if isinstance(value, _BadUpload):
+        raise SettingError(value.message(attr), setting=attr, value=value.label)
     if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image
         return _save_upload(value)
     if not value:
         return ""
     if isinstance(value, dict):
         value = value.get("path") or value.get("name") or ""
-    return str(value)
+    path = Path(str(value)).resolve()
+    if not any(root in path.parents for root in _upload_roots()):
+        raise SettingError(f"{attr}: {str(value)!r} is not an image uploaded in the {IMAGE_LABELS[attr]} widget "
+                           f"(allowed: an upload of this tab)", setting=attr, value=str(value))
+    return str(path)
+
+
+def _name_uploads(message: str, cfg: Config) -> str:
+    """Error messages name the widgets ("Original image"), not the temp files the uploads were saved as."""
+    for attr, label in IMAGE_LABELS.items():
+        path = getattr(cfg, attr, "")
+        if path and any(root in Path(path).resolve().parents for root in _upload_roots()):
+            message = message.replace(repr(str(path)), label).replace(str(path), label)
+    return message
 
 
 def _save_upload(img) -> str:
@@ -682,8 +799,30 @@ def create_ui(host, **kw) -> TrainTrainUI:
     return ui
 
 
-def launch(host, *, port: int = 7860, listen: bool = False, lang: str = "en", block: bool = True) -> TrainTrainUI:
-    """Serve the tab standalone on 127.0.0.1 (all interfaces only with ``listen``)."""
+def blocked_paths(host) -> list[str]:
+    """Folders the standalone app never serves through gradio's file route: the queue and settings JSONs
+    (every job's settings and absolute paths), logs, LoRAs, cache, presets, models, the uploads. The page
+    needs none of them (plots are sent as images, uploads go through gradio's own cache). gradio 6 serves
+    only allowed and created files; 3.41 and 4.x also serve the current folder, hence the block list."""
+    paths = host.paths()
+    gradio_tmp = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+    out = [paths.json_dir, paths.log_dir, paths.lora_dir, getattr(paths, "cache_dir", None),
+           Path(tempfile.gettempdir()) / "traintrain-uploads", getattr(host, "model_dir", None),
+           getattr(host, "vae_dir", None)]
+    workdir = getattr(host, "workdir", None)
+    for folder in (workdir, Path.cwd()):
+        # the whole folder too, unless gradio's own upload cache is inside it (uploads must still show)
+        if folder is not None and not (gradio_tmp == Path(folder).resolve() or Path(folder).resolve() in gradio_tmp.parents):
+            out.append(folder)
+    if workdir is not None:
+        out.append(Path(workdir) / "presets")
+    return sorted({str(Path(p).resolve()) for p in out if p})
+
+
+def launch(host, *, port: int = 7860, listen: bool = False, lang: str = "en", block: bool = True,
+           auth: tuple[str, str] | None = None) -> TrainTrainUI:
+    """Serve the tab standalone on 127.0.0.1 (all interfaces only with ``listen``); ``auth`` = (user, password)
+    turns on gradio's own login."""
     ui = create_ui(host, lang=lang)
     blocks = ui.blocks
     blocks.queue()
@@ -692,8 +831,9 @@ def launch(host, *, port: int = 7860, listen: bool = False, lang: str = "en", bl
     params = inspect.signature(blocks.launch).parameters
     if "css" in params and CSS_FILE.is_file() and GRADIO_VERSION >= (5, 0):
         kw["css"] = CSS_FILE.read_text(encoding="utf-8")
-    allowed = [str(Path(host.paths().json_dir).resolve())]
-    if "allowed_paths" in params:
-        kw["allowed_paths"] = allowed
+    if "blocked_paths" in params:
+        kw["blocked_paths"] = blocked_paths(host)
+    if auth:
+        kw["auth"] = auth
     blocks.launch(**{k: v for k, v in kw.items() if k in params})
     return ui
