@@ -131,3 +131,15 @@ def test_timesteps_follow_the_seed_and_go_to_the_device():
     assert b.device.type == "meta" and c.device.type == "meta" and c.shape == (6,)
     assert len(set(a.tolist())) > 1
     assert NoiseSchedule.create(device="meta").alphas_cumprod.device.type == "meta"
+
+
+def test_weighted_loss_keeps_the_mask_and_mse_is_the_default():
+    s = NoiseSchedule.create()
+    pred, target = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    target[..., 0, 0] = 10.0  # only the masked-out pixel differs
+    mask = torch.ones(1, 1, 2, 2)
+    mask[..., 0, 0] = 0
+    t = torch.tensor([500])
+    assert weighted_loss(pred, target, t, s, "MSE", 5.0, mask).item() == 0.0
+    assert weighted_loss(pred, target, t, s, "MSE", 0.0).item() == pytest.approx(100 / 4)
+    assert per_sample_loss(pred, target).item() == pytest.approx(100 / 4)  # MSE unless told otherwise

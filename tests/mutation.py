@@ -1,0 +1,96 @@
+"""Mutation testing of the training core with mutmut 3, one module at a time (issue 17; docs/TESTING.md).
+
+    .venv/bin/python tests/mutation.py trainer.diffusion     # mutate one module, run its fast tests
+    .venv/bin/python tests/mutation.py --summary             # killed / survived / timeout per module
+    .venv/bin/python tests/mutation.py --survivors trainer.diffusion   # the surviving mutants' diffs
+
+Run from the repository root. mutmut's settings are in setup.cfg ``[mutmut]``; the fast tests of each
+module are in setup.cfg ``[mutmut-tests]``: mutmut runs them once to learn which test calls which function,
+then, for each mutant, only the tests that call the mutated function. One worker process (the machine is
+shared); mutmut forks it after torch is imported. Work files go to mutants/ (git-ignored).
+"""
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def module_tests(module: str) -> list[str]:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    tests = cfg.get("mutmut-tests", module, fallback="")
+    if not tests.strip():
+        sys.exit(f"no fast tests for {module} in setup.cfg [mutmut-tests]; modules: "
+                 f"{', '.join(cfg.options('mutmut-tests'))}")
+    return tests.split()
+
+
+def run(module: str) -> None:
+    os.chdir(ROOT)
+    os.environ.setdefault("TT_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    import mutmut.configuration as mc
+    from mutmut.__main__ import cli
+
+    mc._config = mc._load_config()
+    mc._config.pytest_add_cli_args_test_selection = module_tests(module)
+    try:
+        cli(["run", "--max-children", "1", f"{module}.*"], standalone_mode=False)
+    finally:  # each module has its own tests: keep its verdicts apart from the next module's run
+        snapshot = ROOT / "mutants" / "scores" / f"{module}.json"
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.write_text(json.dumps(verdicts(module), indent=1, sort_keys=True))
+
+
+def verdicts(module: str) -> dict:
+    """{mutant name: mutmut's status} of the module's mutants, from mutants/**/*.meta."""
+    from mutmut.stats import status_by_exit_code
+
+    out = {}
+    for meta in sorted((ROOT / "mutants" / "trainer").rglob("*.py.meta")):
+        for name, code in json.loads(meta.read_text()).get("exit_code_by_key", {}).items():
+            if name.startswith(module + "."):
+                out[name] = status_by_exit_code[code]
+    return out
+
+
+def summary() -> None:
+    """Per module (file): the verdicts of the latest run of each module given to run()."""
+    per_file: dict[str, Counter] = {}
+    for snapshot in sorted((ROOT / "mutants" / "scores").glob("*.json")):
+        for name, status in json.loads(snapshot.read_text()).items():
+            mod = re.match(r"(.*?)\.x[_ǁ]", name).group(1)  # trainer.diffusion.x_func__mutmut_3
+            per_file.setdefault(mod, Counter())[status] += 1
+    for mod, c in sorted(per_file.items()):
+        print(f"{mod:32s} total {sum(c.values()):4d}  " + "  ".join(f"{k} {v}" for k, v in sorted(c.items())))
+
+
+def survivors(module: str) -> None:
+    os.chdir(ROOT)
+    snapshot = json.loads((ROOT / "mutants" / "scores" / f"{module}.json").read_text())
+    for name, status in sorted(snapshot.items()):
+        if status not in ("killed",):
+            print(f"# {status}: {name}", flush=True)
+            subprocess.run([str(Path(sys.executable).parent / "mutmut"), "show", name], check=False)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--summary"]:
+        summary()
+    elif args[:1] == ["--survivors"] and len(args) == 2:
+        survivors(args[1])
+    elif len(args) == 1 and not args[0].startswith("-"):
+        run(args[0])
+    else:
+        sys.exit(__doc__)
