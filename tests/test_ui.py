@@ -3,7 +3,6 @@
 plot, queue add / duplicate / delete, the Plot tab)."""
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest

@@ -5,8 +5,6 @@ cmd_opts.lora_dir, the tab registers, and install.py installs only what is missi
 import importlib
 import importlib.util
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -232,13 +230,15 @@ def test_samples_are_drawn_inside_the_webui_while_it_is_held(webui, tmp_path):
     from trainer.samples import read_grid_info
 
     host = _host(tmp_path)
-    held = []
+    held, steps = [], []
     host_on_progress = host.on_progress
 
     def spy(p):
         host_on_progress(p)
         if p.phase == "sample":
             held.append((call_queue.queue_lock.locked(), shared.sd_model.placement, shared.state.textinfo))
+        elif p.phase == "train":
+            steps.append(shared.state.textinfo)
 
     host.on_progress = spy
     q = JobQueue(tmp_path / "ext" / "jsons", host_runner(host))
@@ -251,7 +251,8 @@ def test_samples_are_drawn_inside_the_webui_while_it_is_held(webui, tmp_path):
     assert [g.stem.split("-", 1)[1] for g in grids] == ["step00000", "step00001", "step00002"]
     assert [p for p, _ in read_grid_info(grids[-1])["rows"]][0] == "ttdemo"
     assert len(held) == 3 and all(locked and placement == "cpu" for locked, placement, _ in held)
-    assert all(str(g) in text for g, (_, _, text) in zip(grids, held))  # the Web-UI's status names each grid
+    assert all(text == f"TrainTrain: sample grid {g}" for g, (_, _, text) in zip(grids, held))
+    assert "(sampling " in steps[-1] and "step 2/2" in steps[-1]  # the progress shows the time spent sampling
     assert shared.sd_model.placement == "device" and not call_queue.queue_lock.locked()
 
 
@@ -287,21 +288,21 @@ def test_the_webui_interrupt_stops_training_and_saves(webui, tmp_path):
     host = _host(tmp_path)
     q = JobQueue(tmp_path / "ext" / "jsons", host_runner(host))
     q.add(_small_cfg(_images(tmp_path), "interrupted", 400))
+    host_on_progress = host.on_progress
 
-    def press_interrupt():  # the user presses the Web-UI's Interrupt once training has begun
-        deadline = time.time() + 300
-        while time.time() < deadline and shared.state.sampling_step < 1:
-            time.sleep(0.05)
-        shared.state.interrupt()
+    def press_interrupt_at_step_2(p):
+        # the user presses the Web-UI's Interrupt while step 2 is reported: on the training's own thread, so a
+        # fast machine cannot finish the 400 steps before the press (a polling thread could miss them all)
+        host_on_progress(p)
+        if p.phase == "train" and p.step == 2:
+            shared.state.interrupt()
 
-    t = threading.Thread(target=press_interrupt)
-    t.start()
+    host.on_progress = press_interrupt_at_step_2
     q.start()
     assert q.wait(300)
-    t.join()
     job = q.jobs()[0]
     assert job.status == STOPPED, job.message
-    assert 1 <= job.steps < 400 and "Stopped at step" in job.message
+    assert 2 <= job.steps <= 3 and "Stopped at step" in job.message
     saved = Path(job.files[-1])
     assert saved.parent == tmp_path / "models" / "Lora" and saved.name == f"interrupted_{job.steps}steps.safetensors"
     assert shared.sd_model.placement == "device"
