@@ -370,3 +370,22 @@ def test_a_second_process_on_the_same_folder_is_refused_naming_the_folder_and_ow
     (tmp_path / "queue.lock").write_text(f"{owner.pid}\n", encoding="utf-8")  # as after kill -9
     JobQueue(tmp_path, runner_for()).add(cfg("mine"))
     assert (tmp_path / "queue.lock").read_text(encoding="utf-8").split()[0] == str(__import__("os").getpid())
+
+
+def test_a_folder_where_the_lock_cannot_be_written_still_gives_a_queue_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import trainer.jobs as jobs_module
+
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).endswith("queue.lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(jobs_module.os, "open", read_only)
+    q = JobQueue(tmp_path, runner_for(), console=lambda m: None)
+    assert "queue.lock could not be written" in q.notice and "Read-only" in q.notice
+    assert q.add(cfg("still")).id == 1

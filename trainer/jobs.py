@@ -244,7 +244,13 @@ class JobQueue:
         #: what the user should know about the queue file (set aside, not writable); the tab shows it
         self.notice = ""
         if lock:
-            acquire_queue_lock(self.store_dir)
+            try:
+                acquire_queue_lock(self.store_dir)
+            except QueueLockedError:
+                raise
+            except OSError as e:  # a read-only or full jsons/: the queue still works, unguarded; say so
+                self.notice = (f"The queue lock {self.store_dir / LOCK_NAME} could not be written ({e}); a second "
+                               f"app on this folder would not be noticed")
         self._lock = threading.RLock()
         self._jobs: list[Job] = []
         self._next_id = 1
@@ -287,7 +293,8 @@ class JobQueue:
                 where = f"it was set aside as {backup}"
             except OSError as e2:
                 where = f"it could not be set aside ({e2}); it will be replaced when the queue changes"
-            self.notice = f"The queue file {self.path} could not be read ({e}); {where}. The queue starts empty."
+            self.notice = " ".join(filter(None, [
+                self.notice, f"The queue file {self.path} could not be read ({e}); {where}. The queue starts empty."]))
             self.console(self.notice)
             return
         for j in jobs:
