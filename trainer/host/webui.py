@@ -263,7 +263,10 @@ class WebUIHost:
             state.sampling_steps = p.total
             state.sampling_step = p.step
             loss = f" loss {p.loss:.4f}" if p.loss is not None else ""
-            state.textinfo = f"TrainTrain: step {p.step}/{p.total}{loss}"
+            sampling = f" (sampling {getattr(p, 'sample_s', 0):.0f} s)" if getattr(p, "sample_s", 0) else ""
+            state.textinfo = f"TrainTrain: step {p.step}/{p.total}{loss}{sampling}"
+        elif p.phase == "sample":
+            state.textinfo = f"TrainTrain: sample grid {p.message}"
         elif p.message:
             state.textinfo = f"TrainTrain: {p.message}"
 
