@@ -251,3 +251,35 @@ def test_on_the_world_model_the_trained_strength_differs_from_the_model(world_mo
     for row in range(2):
         assert np.abs(tile(before, row, 1) - tile(before, row, 0)).max() == 0
         assert np.abs(tile(after, row, 1) - tile(after, row, 0)).mean() > 0.02
+
+
+def test_the_tab_shows_the_latest_grid_while_training_and_all_grids_after(images, tmp_path):
+    import threading
+
+    from trainer.jobs import DONE, StandaloneHost
+    from trainer.ui import TrainTrainUI
+
+    ui = TrainTrainUI(StandaloneHost(tmp_path))
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(p):  # the job waits after its step-2 grid until the test has looked at the tab
+        if p.phase == "sample" and p.step == 2:
+            reached.set()
+            release.wait(60)
+
+    ui.host.on_progress = hold
+    cfg = Config.defaults("LoRA").with_overrides({**SMALL, **FAST, "lora_data_directory": str(images),
+                                                  "save_lora_name": "tab", "train_iterations": 3,
+                                                  "sample_every_n_steps": 2})
+    ui.queue.add(cfg)
+    ui.queue.start()
+    assert reached.wait(600)
+    gallery, state = ui.sample_grids({})
+    release.set()
+    assert ui.queue.wait(600) and ui.queue.jobs()[0].status == DONE
+    folder = tmp_path / "samples" / "tab"
+    assert [Path(p).name.split("-", 1)[1] for p, _ in gallery["value"]] == ["step00002.png", "step00000.png"]
+    gallery, state = ui.sample_grids(state)
+    assert [Path(p) for p, _ in gallery["value"]] == sorted(folder.glob("*.png"), reverse=True)
+    assert len(gallery["value"]) == 3
+    assert ui.sample_grids(state)[0] == {"__type__": "update"}  # nothing new: the gallery is left alone

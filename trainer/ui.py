@@ -463,6 +463,27 @@ class TrainTrainUI:
             log = _upd(value=text)
         return [status, plot, table, choices, log, state]
 
+    def sample_grids(self, state: dict | None = None) -> list:
+        """Timer tick -> [gallery update, state]: the sample grids of the running (else the last) job,
+        newest first, so the latest grid shows while training and every grid of the job afterwards."""
+        state = dict(state or {})
+        job_id = self.queue.live().job_id if self.queue.live() else self.queue.log_job()
+        files: list = []
+        if job_id is not None:
+            try:
+                job = self.queue.get(job_id)
+                paths = self.host.paths()
+                folder = (paths.sample_dir or paths.log_dir.parent / "samples") / job.config().save_lora_name
+                since = (job.started_at or 0) - 1  # this job's grids, not an earlier job's of the same name
+                files = sorted((f for f in folder.glob("*.png") if f.stat().st_mtime >= since), reverse=True)
+            except (QueueError, OSError, ValueError):
+                files = []
+        key = [str(f) for f in files]
+        if state.get("samples") == key:
+            return [_no_change(), state]
+        state["samples"] = key
+        return [_upd(value=[(f, Path(f).stem) for f in key] if key else None), state]
+
     # --- Plot tab ----------------------------------------------------------------------------
     def log_files(self) -> list[str]:
         """CSV logs under logs/ (only there: bug #20), newest first, relative to it."""
@@ -512,8 +533,8 @@ class TrainTrainUI:
             return _make(gr.CheckboxGroup, choices=_choices(s), value=value, **common)
         if s.widget == "radio":
             return _make(gr.Radio, choices=_choices(s), value=value, **common)
-        lines = 2 if s.type is dict else 1
-        return _make(gr.Textbox, value=value, lines=lines, max_lines=8 if s.type is dict else 1, **common)
+        multiline = s.type is dict or s.name == "sample_prompts"  # one prompt a line
+        return _make(gr.Textbox, value=value, lines=2 if multiline else 1, max_lines=8 if multiline else 1, **common)
 
     def _grid(self, rows: Sequence[Setting], prefix: str, mode: str, out: dict) -> None:
         cols = 3
@@ -568,6 +589,9 @@ class TrainTrainUI:
         with gr.Row():
             with _make(gr.Column, scale=3):
                 w["live_plot"] = _make(gr.Plot, label="Loss (live)", elem_id="tt_live_plot")
+                w["samples"] = _make(gr.Gallery, label="Sample grids (sample_every_n_steps; newest first)",
+                                     elem_id="tt_samples", columns=2, height="auto", object_fit="contain")
+                w["samples_state"] = gr.State({})
                 with _make(gr.Accordion, "Job log", open=False, elem_id="tt_log_acc"):
                     w["job_log"] = _make(gr.Textbox, label="Running or last job", elem_id="tt_job_log",
                                          interactive=False, lines=6, max_lines=20, value=self.job_log())
@@ -668,9 +692,13 @@ class TrainTrainUI:
         if hasattr(gr, "Timer"):  # gradio >= 4.40 (Forge, standalone)
             w["timer"] = gr.Timer(POLL_SECONDS)
             w["timer"].tick(self.poll, inputs=[w["poll_state"]], outputs=poll_out, **_quiet(w["timer"].tick))
+            w["timer"].tick(self.sample_grids, inputs=[w["samples_state"]], outputs=[w["samples"], w["samples_state"]],
+                            **_quiet(w["timer"].tick))
         else:  # gradio 3.41 (A1111): a load event that repeats; needs the queue, which the Web-UI enables
             blocks.load(self.poll, inputs=[w["poll_state"]], outputs=poll_out, every=POLL_SECONDS,
                         **_quiet(blocks.load))
+            blocks.load(self.sample_grids, inputs=[w["samples_state"]], outputs=[w["samples"], w["samples_state"]],
+                        every=POLL_SECONDS, **_quiet(blocks.load))
 
 
 def _unqueued(listener) -> dict:
