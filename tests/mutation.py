@@ -1,6 +1,7 @@
 """Mutation testing of the training core with mutmut 3, one module at a time (issue 17; docs/TESTING.md).
 
     .venv/bin/python tests/mutation.py trainer.diffusion     # mutate one module, run its fast tests
+    .venv/bin/python tests/mutation.py trainer.modes.ileco trainer.modes.base   # several in one run
     .venv/bin/python tests/mutation.py --summary             # killed / survived / timeout per module
     .venv/bin/python tests/mutation.py --survivors trainer.diffusion   # the surviving mutants' diffs
 
@@ -24,16 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def module_tests(module: str) -> list[str]:
+    """The fast tests of ``module`` from setup.cfg [mutmut-tests], else those of its package."""
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    tests = cfg.get("mutmut-tests", module, fallback="")
-    if not tests.strip():
-        sys.exit(f"no fast tests for {module} in setup.cfg [mutmut-tests]; modules: "
-                 f"{', '.join(cfg.options('mutmut-tests'))}")
-    return tests.split()
+    parts = module.split(".")
+    for n in range(len(parts), 1, -1):
+        tests = cfg.get("mutmut-tests", ".".join(parts[:n]), fallback="")
+        if tests.strip():
+            return tests.split()
+    sys.exit(f"no fast tests for {module} in setup.cfg [mutmut-tests]; modules: "
+             f"{', '.join(cfg.options('mutmut-tests'))}")
 
 
-def run(module: str) -> None:
+def run(modules: list[str]) -> None:
     os.chdir(ROOT)
     os.environ.setdefault("TT_THREADS", "1")
     import torch
@@ -43,13 +47,17 @@ def run(module: str) -> None:
     from mutmut.__main__ import cli
 
     mc._config = mc._load_config()
-    mc._config.pytest_add_cli_args_test_selection = module_tests(module)
+    tests = []
+    for module in modules:
+        tests += [t for t in module_tests(module) if t not in tests]
+    mc._config.pytest_add_cli_args_test_selection = tests
     try:
-        cli(["run", "--max-children", "1", f"{module}.*"], standalone_mode=False)
+        cli(["run", "--max-children", "1", *(f"{m}.*" for m in modules)], standalone_mode=False)
     finally:  # each module has its own tests: keep its verdicts apart from the next module's run
-        snapshot = ROOT / "mutants" / "scores" / f"{module}.json"
-        snapshot.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.write_text(json.dumps(verdicts(module), indent=1, sort_keys=True))
+        for module in modules:
+            snapshot = ROOT / "mutants" / "scores" / f"{module}.json"
+            snapshot.parent.mkdir(parents=True, exist_ok=True)
+            snapshot.write_text(json.dumps(verdicts(module), indent=1, sort_keys=True))
 
 
 def verdicts(module: str) -> dict:
@@ -90,7 +98,7 @@ if __name__ == "__main__":
         summary()
     elif args[:1] == ["--survivors"] and len(args) == 2:
         survivors(args[1])
-    elif len(args) == 1 and not args[0].startswith("-"):
-        run(args[0])
+    elif args and not any(a.startswith("-") for a in args):
+        run(args)
     else:
         sys.exit(__doc__)
