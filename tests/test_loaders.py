@@ -29,6 +29,8 @@ KOHYA_COUNTS = {  # (U-Net, text encoder 1, text encoder 2)
     ("sd1", "lierla"): (192, 72, 0), ("sd1", "c3lier"): (278, 72, 0),
     ("sd2", "lierla"): (192, 138, 0), ("sd2", "c3lier"): (278, 138, 0),
     ("sdxl", "lierla"): (722, 72, 192), ("sdxl", "c3lier"): (788, 72, 192),
+    # README: "c3lier / loha": LoHa targets the same modules as c3lier (its 3x3 convs included)
+    ("sd1", "loha"): (278, 72, 0), ("sd2", "loha"): (278, 138, 0), ("sdxl", "loha"): (788, 72, 192),
 }
 
 

@@ -94,6 +94,12 @@ def test_the_freshness_check_covers_what_the_build_runs():
     assert dataclasses.replace(world.WORLD, unet_steps=world.WORLD.unet_steps + 1).key() != world.WORLD.key()
 
 
+def test_the_world_model_is_as_small_as_the_readme_says(world_model):
+    # README: "9 MB, fp16", "2.4 M U-Net parameters" (measured 8.85 MB, 2 446 788)
+    assert world.WORLD_FILE.stat().st_size < 9.5e6
+    assert round(sum(p.numel() for p in world_model.unet.parameters()) / 1e6, 1) == 2.4
+
+
 def test_the_text_encoder_stage_replays_to_the_shipped_weights(world_model):
     """The build's text-encoder stage (tiny model, world captions, prompt encoding, tokenizer) run
     again from scratch gives the shipped text encoder: measured identical after fp16 rounding; allowed
