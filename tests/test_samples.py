@@ -283,3 +283,21 @@ def test_the_tab_shows_the_latest_grid_while_training_and_all_grids_after(images
     assert [Path(p) for p, _ in gallery["value"]] == sorted(folder.glob("*.png"), reverse=True)
     assert len(gallery["value"]) == 3
     assert ui.sample_grids(state)[0] == {"__type__": "update"}  # nothing new: the gallery is left alone
+
+
+def test_stop_ends_sampling_too(images, tmp_path):
+    cfg = Config.defaults("LoRA").with_overrides({**SMALL, **FAST, "lora_data_directory": str(images),
+                                                  "train_iterations": 6, "sample_every_n_steps": 2,
+                                                  "save_lora_name": "s"})
+    holder = {}
+
+    def on_progress(p):  # Stop is pressed when the step-2 grid appears
+        if p.phase == "sample" and p.step == 2:
+            holder["run"].stop()
+
+    run = TrainingRun(cfg, tiny_components(), OutputPaths.under(tmp_path), log=lambda m: None,
+                      device=torch.device("cpu"), on_progress=on_progress)
+    holder["run"] = run
+    result = run.run(mode_for("LoRA"))
+    assert result.ok and result.stopped and result.steps == 2
+    assert [f.stem.split("-", 1)[1] for f in grids(tmp_path)] == ["step00000", "step00002"]  # no grid after Stop

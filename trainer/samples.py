@@ -83,9 +83,15 @@ def spec_from_config(cfg, mode=None, *, size=None, v_prediction=None, zero_termi
 # ---------------------------------------------------------------- drawing
 
 
-def draw_columns(components, network, spec: GridSpec, *, zero_column: Optional[torch.Tensor] = None) -> list:
+class Cancelled(Exception):
+    """Stop was pressed while a grid was being drawn."""
+
+
+def draw_columns(components, network, spec: GridSpec, *, zero_column: Optional[torch.Tensor] = None,
+                 cancelled=lambda: False) -> list:
     """One [rows, 3, H, W] tensor per multiplier, with ``network`` (applied) at that multiplier.
-    ``zero_column``: the images of multiplier 0 when already known (the model without the LoRA)."""
+    ``zero_column``: the images of multiplier 0 when already known (the model without the LoRA).
+    ``cancelled()`` is asked between sampler calls; when true, :class:`Cancelled` is raised."""
     rows = spec.rows
     h, w = spec.size if spec.size else (None, None)
     columns = []
@@ -96,6 +102,8 @@ def draw_columns(components, network, spec: GridSpec, *, zero_column: Optional[t
         chunks = []
         with network.multiplier(float(m)):
             for i in range(0, len(rows), BATCH):
+                if cancelled():
+                    raise Cancelled()
                 part = rows[i:i + BATCH]
                 chunks.append(generate(
                     components, [p for p, _ in part], negative_prompt=spec.negative_prompt, steps=spec.steps,
@@ -300,14 +308,18 @@ class TrainingSamples:
 
     def draw(self, p, net, step: int, total: int) -> Optional[Path]:
         """The grid of pass ``p`` at ``step`` with its network ``net``; once per (pass, step)."""
-        if self.off or (p.name, step) in self._drawn:
-            return None
+        if self.off or self.run.stopping or (p.name, step) in self._drawn:
+            return None  # after Stop, finishing quickly matters more than a preview
         self._drawn.add((p.name, step))
         t0 = time.perf_counter()
         spec = self.spec()
         try:
             with self._isolated(net):
-                columns = draw_columns(self.run.components, net, spec, zero_column=self._zero)
+                columns = draw_columns(self.run.components, net, spec, zero_column=self._zero,
+                                       cancelled=lambda: self.run.stopping)
+        except Cancelled:
+            self.seconds += time.perf_counter() - t0
+            return None
         except Exception as e:
             from .engine import is_out_of_memory
 
