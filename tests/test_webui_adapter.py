@@ -397,3 +397,29 @@ def test_forge_reads_the_selected_checkpoint_and_lets_forge_reload_by_itself(web
     with _host(tmp_path).session(Config.defaults(), _Control()) as comps:
         assert comps.name == "tiny-sd1" and comps.info.family.value == "sd1"
     assert calls == ["unload"]
+
+
+def test_a_second_webui_on_one_install_keeps_its_own_queue_and_says_so(webui, tmp_path):
+    """Two Web-UIs started from one install share the extension's jsons/: the second must neither lose its tab
+    nor rewrite the first one's queue (issue 10, one queue owner per folder)."""
+    import os
+    import subprocess
+
+    from trainer.ui import TrainTrainUI
+
+    host = _host(tmp_path)
+    shared_jsons = host.paths().json_dir
+    code = ("import sys; from trainer.jobs import JobQueue; JobQueue(sys.argv[1], None); "
+            "print('owner', flush=True); sys.stdin.read()")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(shared_jsons)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert owner.stdout.readline().strip() == "owner"
+        ui = TrainTrainUI(host)
+        assert ui.queue.store_dir == shared_jsons / f"instance-{os.getpid()}"
+        assert f"pid {owner.pid}" in ui.queue.notice and str(ui.queue.store_dir) in ui.queue.notice
+        assert str(ui.queue.store_dir) in ui.status_line()
+    finally:
+        owner.stdin.close()
+        owner.wait(10)
+    assert not (shared_jsons / "queue.json").exists()  # the first one's queue was never written by the second

@@ -32,7 +32,7 @@ from .config import (
     Setting,
     SettingError,
 )
-from .jobs import ACTIVE, DONE, FAILED, RUNNING, STOPPED, JobQueue, QueueError, host_runner
+from .jobs import ACTIVE, DONE, FAILED, RUNNING, STOPPED, JobQueue, QueueError, QueueLockedError, host_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_PRESETS = ROOT / "presets"
@@ -107,8 +107,7 @@ class TrainTrainUI:
         paths = host.paths()
         self.paths = paths
         # the host may say where the queue's console lines go (the Web-UI: its console)
-        self.queue = queue if queue is not None else JobQueue(paths.json_dir, host_runner(host),
-                                                              console=getattr(host, "console", None))
+        self.queue = queue if queue is not None else self._own_queue(host, paths)
         self.lang = lang or getattr(host, "lang", "en")
         workdir = Path(getattr(host, "workdir", ROOT))
         self.user_preset_dir = Path(user_preset_dir) if user_preset_dir else workdir / "presets"
@@ -118,6 +117,22 @@ class TrainTrainUI:
         weakref.finalize(self, shutil.rmtree, str(self._live_dir), True)
         self.blocks = None
         self.widgets: dict[str, Any] = {}
+
+    @staticmethod
+    def _own_queue(host, paths) -> JobQueue:
+        """The workdir's queue. Standalone, a second app on one workdir is refused (QueueLockedError). Two
+        Web-UIs started from one install share this folder: the second keeps a queue of its own beside the
+        first's, and says so, rather than losing its tab or rewriting the other's queue."""
+        runner, console = host_runner(host), getattr(host, "console", None)
+        try:
+            return JobQueue(paths.json_dir, runner, console=console)
+        except QueueLockedError as e:
+            if getattr(host, "name", "") != "webui":
+                raise
+            own = Path(paths.json_dir) / f"instance-{os.getpid()}"
+            queue = JobQueue(own, runner, console=console)
+            queue.notice = " ".join(filter(None, [f"{e}. This Web-UI keeps its own queue in {own}.", queue.notice]))
+            return queue
 
     # ------------------------------------------------------------------------------------
     # Values <-> Config
@@ -409,9 +424,10 @@ class TrainTrainUI:
             model = ""
         if lp.phase == "train" and lp.total:
             lrs = " ".join(f"{x:.2e}" for x in lp.lrs) or "?"
+            sampling = f" · sampling {_hms(lp.sample_s)}" if getattr(lp, "sample_s", 0) else ""
             name = lp.pass_name or lp.name
             return (f"Training {name} (job {lp.job_id}) · step {lp.step}/{lp.total} · loss {lp.loss:.4f} "
-                    f"(avg {lp.loss_avg:.4f}) · lr {lrs} · {lp.sec_per_it:.2f} s/it · ETA {_hms(lp.eta_s)}{model}{tail}")
+                    f"(avg {lp.loss_avg:.4f}) · lr {lrs} · {lp.sec_per_it:.2f} s/it · ETA {_hms(lp.eta_s)}{sampling}{model}{tail}")
         what = {"prepare": "Preparing", "save": "Saving", "done": "Finishing"}.get(lp.phase, lp.phase.title())
         msg = f": {lp.message}" if lp.message else ""
         return f"{what} {lp.name} (job {lp.job_id}){msg}{model}{tail}"
