@@ -13,11 +13,13 @@ import hashlib
 import json
 import os
 import random
-import tempfile
+import tempfile  # noqa: F401  (tests reach mkstemp as files.tempfile.mkstemp; temp_file uses it)
 import time
 from typing import Mapping, Optional, Tuple, Union
 
 import torch
+
+from ..atomic import temp_file
 
 __all__ = [
     "save_network", "load_network_file", "build_metadata", "addnet_hashes",
@@ -261,7 +263,7 @@ def save_network(
     data = st_save(tensors, md)
 
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
+    fd, tmp = temp_file(path)  # the permissions a plain open() gives (umask), not mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as fh:
             _write_all(fh, data)
