@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -1527,7 +1526,9 @@ def save_preset(cfg: Config, path: str | os.PathLike, *, overwrite: bool = False
     if not overwrite and os.path.lexists(p):
         raise FileExistsError(errno.EEXIST, "file exists (use overwrite=True to replace it)", p)
     text = cfg.to_json()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    from .atomic import temp_file  # the umask's permissions, not mkstemp's 0600
+
+    fd, tmp = temp_file(p)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -22,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..atomic import temp_file
 from .dataset import Sample
 from .errors import DataError
 
@@ -132,8 +132,8 @@ class LatentCache:
         temp_name = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{key}.", suffix=".tmp", delete=False) as handle:
-                temp_name = handle.name
+            fd, temp_name = temp_file(folder / f".{key}")  # the umask's permissions, not 0600
+            os.close(fd)
             save_file({_TENSOR_NAME: latent}, temp_name, metadata={"key_extra": key_extra})
             os.replace(temp_name, folder / f"{key}.safetensors")
             temp_name = None
