@@ -145,11 +145,19 @@ def test_batcher_is_deterministic_given_the_seed() -> None:
 
 
 def test_batch_larger_than_every_bucket() -> None:
-    batcher = BucketBatcher(["x", "x", "y"], batch_size=4, seed=0)
+    batcher = BucketBatcher(["x", "x", "y"], batch_size=3, seed=0)
     batches = list(itertools.islice(batcher, batcher.batches_per_epoch))
-    assert [len(b) for b in batches] == [4, 4, 4]  # x: 2 items x 4 = 8 -> 2 batches; y: 1 x 4 -> 1
-    assert sorted(i for b in batches for i in b) == [0] * 4 + [1] * 4 + [2] * 4
+    assert [len(b) for b in batches] == [3, 3, 3]  # x: 2 items x 3 = 6 -> 2 batches; y: 1 x 3 -> 1
+    assert sorted(i for b in batches for i in b) == [0] * 3 + [1] * 3 + [2] * 3
     assert all(len({["x", "x", "y"][i] for i in b}) == 1 for b in batches)
+
+
+def test_batch_larger_than_the_data_is_cut_to_it_and_said() -> None:
+    said = []
+    batcher = BucketBatcher(["x", "x", "y", "y"], batch_size=100000, seed=0, warn=said.append)
+    assert batcher.batch_size == 4 and batcher.batches_per_epoch == 4
+    assert [len(next(batcher)) for _ in range(8)] == [4] * 8  # two epochs, at once
+    assert len(said) == 1 and "train_batch_size=100000" in said[0] and "4 training samples" in said[0]
 
 
 def test_batcher_rejects_bad_input() -> None:

@@ -167,13 +167,21 @@ class BucketBatcher:
     ContinualRandomDataLoader, each next batch comes from a randomly chosen bucket
     that still has batches. After the last batch of an epoch, ``epoch`` goes up by 1
     and a new epoch starts. The whole sequence is a function of ``seed``.
+
+    A batch larger than the whole data set is cut to the number of samples (``warn`` says so): every
+    batch of it would be the data repeated, and repeating 4 images to a batch of 100000 makes steps
+    that never finish.
     """
 
-    def __init__(self, keys: Sequence[Hashable], batch_size: int, seed: int = 0) -> None:
+    def __init__(self, keys: Sequence[Hashable], batch_size: int, seed: int = 0, warn: Warn = _log_warning) -> None:
         if int(batch_size) != batch_size or batch_size < 1:
             raise DataError(f"train_batch_size must be a whole number >= 1, got {batch_size!r}.")
         if len(keys) == 0:
             raise DataError("There are no training samples to batch.")
+        if batch_size > len(keys):
+            warn(f"train_batch_size={batch_size} is larger than the {len(keys)} training samples (images, "
+                 f"with repeats and mirrored copies): training with batches of {len(keys)}.")
+            batch_size = len(keys)
         self.batch_size = int(batch_size)
         self._groups: list[list[int]] = list(_group_by_key(keys).values())
         self._generator = torch.Generator().manual_seed(int(seed))

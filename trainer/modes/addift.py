@@ -196,7 +196,7 @@ class MultiADDifTMode(_ADDifTObjective):
         self.buckets = [s.bucket for s in samples]
         self.sizes = [SizeCond(*s.original.size_cond_hw()) for s in samples]  # SDXL: pixels, per sample
         self.prompts = PromptEmbeddings(run, self.captions, cfg.clip_skip)
-        self.batcher = BucketBatcher(self.buckets, cfg.train_batch_size, seed=run.seed)
+        self.batcher = BucketBatcher(self.buckets, cfg.train_batch_size, seed=run.seed, warn=run.log)
         run.summary.update(
             num_train_images=len({s.original.source for s in samples}) * 2, num_samples=n,
             tag_frequency={str(cfg.lora_data_directory): tag_frequency(self.captions)},

@@ -55,7 +55,7 @@ class LoRAMode:
         self.captions = [s.caption for s in samples]
         self.buckets = [s.bucket for s in samples]
         self.sizes = [SizeCond(*s.size_cond_hw()) for s in samples]  # SDXL: pixels, per sample
-        self.batcher = BucketBatcher(self.buckets, cfg.train_batch_size, seed=run.seed)
+        self.batcher = BucketBatcher(self.buckets, cfg.train_batch_size, seed=run.seed, warn=run.log)
         self.train_te = train_te
         self.run = run
         run.summary.update(
