@@ -2,9 +2,13 @@
 late, as on CUDA), out of memory, Stop while caching / in a step / in a save, a disk that fills up or a
 folder that refuses writes at save time. Each ends in a clear message and leaves no partial output.
 (The bad-input matrix and where each item is tested: bench/RESULTS.md, "Nothing lost, nothing broken".)"""
+import contextlib
 import csv
 import errno
 import os
+import signal
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ import torch
 
 from trainer.config import Config
 from trainer.demo import TRIGGER, draw_demo_images
-from trainer.engine import OutputPaths, TrainingRun, is_out_of_memory
+from trainer.engine import OutputPaths, TrainingRun, existing_output, is_out_of_memory
 from trainer.models.tiny import tiny_components
 from trainer.modes.lora import LoRAMode
 from trainer.networks import files as files_mod
@@ -236,12 +240,20 @@ def test_save_failure_names_the_file_and_keeps_the_previous_one(data, tmp_path, 
     out = tmp_path / "output"
     _, first = start(make_cfg(data, train_iterations=1), tmp_path, components)
     before = first.files[0].read_bytes()
-    if fault == "full disk":
-        monkeypatch.setattr(files_mod, "_write_all", _full_disk)
-    else:
-        monkeypatch.setattr(files_mod.tempfile, "mkstemp", _read_only_folder)
+    real = LoRAMode.loss
+
+    def loss(self, step):  # the fault comes during training, after the folders were checked
+        if step == 1:
+            if fault == "full disk":
+                monkeypatch.setattr(files_mod, "_write_all", _full_disk)
+            else:
+                monkeypatch.setattr(files_mod.tempfile, "mkstemp", _read_only_folder)
+        return real(self, step)
+
+    monkeypatch.setattr(LoRAMode, "loss", loss)
     _, result = start(make_cfg(data, train_iterations=2, save_overwrite=True), tmp_path, components)
     assert not result.ok and str(out / "t.safetensors") in result.message and "unchanged" in result.message
+    assert "could not be written anywhere else" in result.message  # every disk of this test refuses
     assert (out / "t.safetensors").read_bytes() == before
     assert files_in(out) == ["t.safetensors"]  # no temp file, no partial file
 
@@ -337,3 +349,262 @@ def test_reading_the_loss_late_in_a_two_pass_mode_changes_nothing(data, tmp_path
         _, results[lagged] = start(cfg, tmp_path, components, mode=mode_for("Difference"), lagged=lagged)
         assert results[lagged].ok, results[lagged].message
     assert same(tensors(results[False].files[-1]), tensors(results[True].files[-1]))
+
+
+# --- issue 10: no hang, nothing lost ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def within(seconds: float):
+    """Fail (instead of hanging the suite) when the block takes longer than `seconds`."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def stop_at(step):
+    holder = {}
+
+    def on_progress(p):
+        if p.phase == "train" and p.step >= step:
+            holder["run"].stop()
+    return holder, on_progress
+
+
+@pytest.mark.parametrize("every", [0, 1])
+def test_a_trillion_steps_start_at_once_and_stop_keeps_them(data, tmp_path, components, every):
+    cfg = make_cfg(data, train_iterations=10**12, save_per_steps=every, logging_save_csv=False)
+    holder, on_progress = stop_at(2)
+    run = TrainingRun(cfg, components, OutputPaths.under(tmp_path), log=lambda m: None, device=torch.device("cpu"),
+                      on_progress=on_progress)
+    holder["run"] = run
+    with within(60):  # before: the name check (and the per-step save plan) walked 10^12 steps
+        result = run.run(LoRAMode())
+    assert result.ok and result.stopped and result.steps == 2, result.message
+    assert files_in(tmp_path / "output") == (["t_1steps.safetensors"] if every else []) + ["t_2steps.safetensors"]
+
+
+def test_an_existing_per_step_file_of_a_trillion_step_run_is_found_at_once(data, tmp_path, components):
+    out = tmp_path / "output"
+    out.mkdir()
+    (out / "t_3000steps.safetensors").write_bytes(b"mine")
+    (out / "t_2999steps.safetensors").write_bytes(b"not on the plan")
+    with within(20):
+        _, result = start(make_cfg(data, train_iterations=10**12, save_per_steps=1000), tmp_path, components)
+    assert not result.ok and "save_lora_name" in result.message and "t_3000steps" in result.message
+    assert (out / "t_3000steps.safetensors").read_bytes() == b"mine"
+    # the final step is saved as t.safetensors, so t_3000steps is no clash for a run of 3000 steps
+    assert existing_output(make_cfg(data, train_iterations=3000, save_per_steps=1000), out) is None
+    assert existing_output(make_cfg(data, train_iterations=3001, save_per_steps=1000), out) is not None
+
+
+def test_stop_before_step_1_finished_saves_nothing_and_says_so(data, tmp_path, components, monkeypatch):
+    real = LoRAMode.loss
+
+    def loss(self, step):
+        if step == 1:
+            self.run.stop()  # the tab still shows "Preparing" during step 1 (its progress comes after it)
+        return real(self, step)
+
+    monkeypatch.setattr(LoRAMode, "loss", loss)
+    _, result = start(make_cfg(data, train_iterations=20), tmp_path, components)
+    assert result.stopped and not result.ok and result.files == [] and result.steps == 0
+    assert "nothing was saved" in result.message
+    assert files_in(tmp_path / "output") == []
+
+
+def test_stop_while_the_engine_prepares_the_network_ends_the_run(data, tmp_path, components, monkeypatch):
+    from trainer import engine
+
+    real = engine.make_optimizer
+
+    def slow_preparation(*args, **kwargs):
+        holder["run"].stop()  # pressed while the optimizer is built (long for a big network)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "make_optimizer", slow_preparation)
+    holder = {}
+    run = TrainingRun(make_cfg(data), components, OutputPaths.under(tmp_path), log=lambda m: None,
+                      device=torch.device("cpu"))
+    holder["run"] = run
+    result = run.run(LoRAMode())
+    assert result.stopped and not result.ok and "nothing was saved" in result.message
+    assert result.steps == 0 and files_in(tmp_path / "output") == []
+
+
+def test_a_batch_larger_than_the_data_is_cut_to_it_with_a_message(data, tmp_path, components):
+    said = []
+    run = TrainingRun(make_cfg(data, train_iterations=2, train_batch_size=100000), components,
+                      OutputPaths.under(tmp_path), log=said.append, device=torch.device("cpu"))
+    with within(60):  # before: every step stacked 100000 copies of the 4 latents
+        result = run.run(LoRAMode())
+    assert result.ok, result.message
+    assert any("train_batch_size=100000" in m and "4 training samples" in m for m in said), said
+
+
+def test_resume_keeps_the_files_rank_and_the_metadata_says_so(data, tmp_path, components):
+    _, first = start(make_cfg(data, train_iterations=1, network_rank=16, network_alpha=8, save_lora_name="r16"),
+                     tmp_path, components)
+    said = []
+    run = TrainingRun(make_cfg(data, train_iterations=1, network_rank=4, network_alpha=4, save_lora_name="again",
+                               network_resume=str(first.files[0])),
+                      components, OutputPaths.under(tmp_path), log=said.append, device=torch.device("cpu"))
+    result = run.run(LoRAMode())
+    assert result.ok, result.message
+    saved, meta = load_network_file(result.files[0])
+    assert {t.shape[0] for k, t in saved.items() if k.endswith("lora_down.weight")} == {16}
+    assert meta["ss_network_dim"] == "16" and float(meta["ss_network_alpha"]) == 8
+    assert "rank 16" in meta["traintrain.network_resume"]
+    assert any("network_resume" in m and "rank 16" in m and "network_rank=4" in m for m in said), said
+
+
+def test_out_of_memory_advice_names_a_large_rank(data, tmp_path, components, monkeypatch):
+    def loss(self, step):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(LoRAMode, "loss", loss)
+    _, big = start(make_cfg(data, network_rank=1024, network_alpha=1), tmp_path, components)
+    assert "network_rank (now 1024" in big.message and "train_batch_size" in big.message
+    assert "image_size (now 64x64)" in big.message
+    _, small = start(make_cfg(data, network_rank=4, use_gradient_checkpointing=True), tmp_path, components)
+    assert "network_rank" not in small.message and "use_gradient_checkpointing" not in small.message
+
+
+# --- where the run writes: checked before the model loads; a disk that fills up later ----------------
+
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size_kb: int, read_only: bool = False):
+    """A real tmpfs of size_kb at folder (root, as in CI); None elsewhere (the caller patches instead)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not AS_ROOT:
+        yield None
+        return
+    opts = f"size={size_kb}k" + (",ro" if read_only else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> None:
+    with contextlib.suppress(OSError), open(folder / "filler", "wb") as f:
+        while True:
+            f.write(bytes(1 << 16))
+            f.flush()
+
+
+def cli_in_process(*args):
+    from trainer.__main__ import main
+
+    return main(["train", *map(str, args)])
+
+
+def never_load(monkeypatch):
+    from trainer.host import standalone
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded although a folder cannot be written")
+    monkeypatch.setattr(standalone, "load_components", refuse)
+
+
+CLI_SMALL = ["--set", "image_size=64", "--set", "image_min_length=64", "--set", "image_buckets_step=64",
+             "--set", "train_model_precision=fp32", "--iterations", 2, "--rank", 4]
+
+
+@pytest.mark.parametrize("case", ["workdir is a file", "output-dir is a file", "output-dir read-only",
+                                  "output-dir on a full disk", "output-dir cannot be made"])
+def test_a_folder_the_run_cannot_write_is_refused_before_the_model_loads(data, tmp_path, monkeypatch, capsys,
+                                                                        case):
+    from trainer import engine
+
+    never_load(monkeypatch)
+    work, out = tmp_path / "work", tmp_path / "out"
+    flags = ["--workdir", work, "--output-dir", out]
+    with contextlib.ExitStack() as stack:
+        if case == "workdir is a file":
+            work.write_text("x")
+            flags, setting, shown = ["--workdir", work], "--workdir", work / "output"
+        elif case == "output-dir is a file":
+            out.write_text("x")
+            setting, shown = "--output-dir", out
+        elif case == "output-dir cannot be made":
+            (tmp_path / "afile").write_text("x")
+            out = tmp_path / "afile" / "deeper" / "out"
+            flags, setting, shown = ["--workdir", work, "--output-dir", out], "--output-dir", out
+        elif case == "output-dir read-only":
+            setting, shown = "--output-dir", out
+            if stack.enter_context(small_disk(out, 256, read_only=True)) is None:
+                out.chmod(0o555)  # not root: the folder's mode refuses
+                stack.callback(out.chmod, 0o755)
+        else:
+            setting, shown = "--output-dir", out
+            if stack.enter_context(small_disk(out, 256)) is None:
+                monkeypatch.setattr(engine, "_write_probe", lambda f: (_ for _ in ()).throw(
+                    OSError(errno.ENOSPC, "No space left on device")))
+            else:
+                fill(out)
+        code = cli_in_process("--data", data, *flags, *CLI_SMALL)
+        err = capsys.readouterr().err
+        assert code == 2 and setting in err and str(shown) in err, err
+        assert "Traceback" not in err
+        if case == "output-dir on a full disk":
+            assert "full disk" in err
+        if out.is_dir():
+            assert [p.name for p in out.iterdir()] in ([], ["filler"])  # no probe left behind
+
+
+def test_a_disk_that_fills_up_during_training_keeps_the_weights_elsewhere(data, tmp_path, components, monkeypatch):
+    out = tmp_path / "output"
+    real_loss, real_save = LoRAMode.loss, files_mod.save_network
+    with small_disk(out, 4096) as disk:
+        def loss(self, step):
+            if step == 2:  # the disk fills up while training
+                if disk is not None:
+                    fill(disk)
+                else:
+                    def full(path, *a, **k):
+                        if Path(path).parent == out:
+                            raise OSError(errno.ENOSPC, "No space left on device")
+                        return real_save(path, *a, **k)
+                    monkeypatch.setattr(files_mod, "save_network", full)
+            return real_loss(self, step)
+
+        monkeypatch.setattr(LoRAMode, "loss", loss)
+        _, result = start(make_cfg(data, train_iterations=3), tmp_path, components)
+        assert not result.ok and str(out / "t.safetensors") in result.message
+        kept = [p for p in result.files if p.parent == tmp_path / "rescued"]
+        assert len(kept) == 1 and str(kept[0]) in result.message and "kept in" in result.message
+        assert sorted(tensors(kept[0])) and all(torch.isfinite(t).all() for t in tensors(kept[0]).values())
+        assert [p for p in files_in(out) if p != "filler"] == []  # no partial file on the full disk
+
+
+def test_files_are_written_with_the_umask_and_keep_the_mode_they_replace(tmp_path):
+    from trainer.atomic import atomic_write_text
+    from trainer.config import save_preset
+
+    previous = os.umask(0o022)
+    try:
+        lora = tmp_path / "a.safetensors"
+        save_network(lora, {"lora_unet_x.lora_down.weight": torch.ones(2, 2)}, {})
+        text = atomic_write_text(tmp_path / "q.json", "{}")
+        preset = Path(save_preset(Config.defaults("LoRA"), tmp_path / "p.json"))
+        for path in (lora, text, preset):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # before: 0o600 (mkstemp's)
+        lora.chmod(0o640)
+        save_network(lora, {"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, {}, overwrite=True)
+        assert stat.S_IMODE(lora.stat().st_mode) == 0o640  # an overwritten file keeps its mode
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.json", "{}")
+        assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ class ProgressPrinter:
 
     def __call__(self, p) -> None:
         if p.phase != "train":
-            if p.message:
+            if p.message and p.phase != "save":  # the engine says "Saved <path>" (or why not) itself
                 self._line(f"{p.phase}: {p.message}", final=True)
             return
         now = time.monotonic()
@@ -98,7 +99,7 @@ def shortcut_overrides(args) -> list[str]:
 
 def cmd_train(args) -> int:
     from .config import SettingError
-    from .engine import OutputPaths, TrainingRun, write_settings_json
+    from .engine import OutputPaths, TrainingRun, output_problem, write_settings_json
     from .host.standalone import HostError, load_components
     from .modes import mode_for
     from .preflight import check_settings
@@ -111,6 +112,14 @@ def cmd_train(args) -> int:
     paths = OutputPaths.under(args.workdir)
     if args.output_dir:
         paths.lora_dir = args.output_dir
+    # every folder the run writes to takes a file, before the model loads (a bad one costs no training)
+    names = {"lora_dir": "--output-dir" if args.output_dir else "--workdir (its output/ folder for the LoRA files)",
+             "log_dir": "--workdir (its logs/ folder, for logging_save_csv)",
+             "json_dir": "--workdir (its jsons/ folder, for save_as_json)"}
+    problem = output_problem(cfg, paths, names, which=("json_dir",) if args.json_only else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.json_only or cfg.save_as_json:
         path = write_settings_json(cfg, paths, time.time())
         print(f"Settings saved to {path}")
@@ -126,11 +135,24 @@ def cmd_train(args) -> int:
     except (HostError, NotImplementedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run = TrainingRun(cfg, components, paths, on_progress=ProgressPrinter(), log=lambda m: print(m, file=sys.stderr))
-    try:
-        result = run.run(mode)
     except KeyboardInterrupt:
-        print("Interrupted", file=sys.stderr)
+        print("Interrupted before training began; nothing was saved", file=sys.stderr)
+        return 130
+    said = set()
+
+    def log(message: str) -> None:
+        said.add(message)
+        print(message, file=sys.stderr)
+
+    run = TrainingRun(cfg, components, paths, on_progress=ProgressPrinter(), log=log)
+    ctrl_c = _CtrlCStops(run)
+    try:
+        with ctrl_c:
+            result = run.run(mode)
+    except KeyboardInterrupt:
+        saved = ", ".join(str(f) for f in run.files)
+        print(f"Interrupted: quit at once; {'saved before: ' + saved if saved else 'nothing was saved'}",
+              file=sys.stderr)
         return 130
     except ValueError as e:  # bad input found while preparing (images, captions, settings)
         print(f"error: {e}", file=sys.stderr)
@@ -141,8 +163,41 @@ def cmd_train(args) -> int:
         print(result.csv)
     for f in run.sampler.files if run.sampler else []:
         print(f)
-    print(result.message, file=sys.stderr)
+    if result.message not in said:  # "Saved ..." and out-of-memory advice were logged already
+        print(result.message, file=sys.stderr)
+    if ctrl_c.pressed:
+        return 130
     return 0 if result.ok else 1
+
+
+class _CtrlCStops:
+    """While training, the first Ctrl-C does what the tab's Stop does: the step in progress finishes and
+    what was trained is saved as <name>_<N>steps (nothing before step 1 finished). A second Ctrl-C quits
+    at once (KeyboardInterrupt; a save in progress leaves no partial file)."""
+
+    def __init__(self, run):
+        self.run = run
+        self.pressed = 0
+        self._previous = None
+
+    def __call__(self, signum, frame) -> None:
+        self.pressed += 1
+        if self.pressed > 1:
+            raise KeyboardInterrupt
+        self.run.stop()
+        print("\nCtrl-C: stopping after this step and saving what was trained; press Ctrl-C again to quit "
+              "at once", file=sys.stderr)
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def cmd_plot(args) -> int:

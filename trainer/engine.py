@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import gc
 import json
 import math
+import os
 import random
+import re
+import shutil
+import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -131,6 +137,106 @@ def save_dtype(name: str) -> torch.dtype:
     return PRECISIONS["fp16" if name == "model" else name]
 
 
+LARGE_RANK = 128
+"""From this network_rank on, out-of-memory advice names the rank first: kohya's SD1.5 LoRA of rank
+128 is about 75 M parameters, 1.2 GB with its gradients and AdamW's state in fp32."""
+
+# what each place a run writes is called in messages; the CLI passes its flags instead
+OUTPUT_NAMES = {"lora_dir": "the LoRA output folder", "log_dir": "logging_save_csv: the logs folder",
+                "json_dir": "save_as_json: the settings folder"}
+
+
+def existing_output(cfg, lora_dir: Path) -> Path | None:
+    """A file this run would write that already exists (the final file or a save_per_steps one). Reads
+    the folder once, so the work does not grow with train_iterations (10^12 steps plan in no time)."""
+    final = Path(lora_dir) / f"{cfg.save_lora_name}.safetensors"
+    if final.exists():
+        return final
+    every, total = cfg.save_per_steps, cfg.train_iterations
+    if every <= 0:
+        return None
+    pattern = re.compile(re.escape(cfg.save_lora_name) + r"_(\d+)steps\.safetensors")
+    try:
+        names = os.listdir(lora_dir)
+    except OSError:
+        return None
+    for name in sorted(names):
+        m = pattern.fullmatch(name)
+        if m and 0 < int(m.group(1)) < total and int(m.group(1)) % every == 0:
+            return Path(lora_dir) / name
+    return None
+
+
+def output_problem(cfg, paths: OutputPaths, names: dict | None = None, which: tuple | None = None) -> str | None:
+    """Why a folder the run will write to cannot take a file (a file in its place, read-only, a full disk,
+    cannot be made), naming its setting and path; None when all can. Run before the model loads, so
+    a bad folder costs no training. Makes the folders that are missing. (The latent cache is left out:
+    the run goes on without it.) ``which``: only these of lora_dir, log_dir, json_dir."""
+    names = {**OUTPUT_NAMES, **(names or {})}
+    if which is None:
+        which = ("lora_dir",) + (("log_dir",) if getattr(cfg, "logging_save_csv", False) else ()) + \
+            (("json_dir",) if getattr(cfg, "save_as_json", False) else ())
+    for key in which:
+        folder = getattr(paths, key)
+        problem = _folder_problem(Path(folder))
+        if problem:
+            return f"{names[key]}: {folder} {problem}"
+    return None
+
+
+# bytes the write test writes: a disk with less room than this is full for any LoRA
+_WRITE_PROBE = 64 * 1024
+
+
+def _folder_problem(folder: Path) -> str | None:
+    if folder.exists() and not folder.is_dir():
+        return "is a file, not a folder"
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be made: {parent} is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot be made ({e.strerror or e})"
+    try:
+        _write_probe(folder)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            with contextlib.suppress(OSError):
+                return f"is on a full disk ({shutil.disk_usage(folder).free // 1024} KB free): free some space or choose another folder"
+            return "is on a full disk: free some space or choose another folder"
+        return f"is not writable ({e.strerror or e})"
+    return None
+
+
+def _write_probe(folder: Path) -> None:
+    """Write and remove a small file in folder (OSError when it cannot take one)."""
+    fd, tmp = tempfile.mkstemp(prefix=".traintrain-write-test-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(bytes(_WRITE_PROBE))
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def network_dims(net) -> tuple:
+    """(rank, alpha, conv_rank, conv_alpha) of a network's adapters, the most common of each kind
+    (conv: 3x3 convolutions; conv_rank 0 when there are none)."""
+    plain: Counter = Counter()
+    conv: Counter = Counter()
+    for a in net.adapters():
+        kernel = tuple(getattr(a.org_module, "kernel_size", (1, 1)))
+        (conv if kernel != (1, 1) else plain)[(int(a.rank), float(a.alpha))] += 1
+    rank, alpha = plain.most_common(1)[0][0] if plain else (0, 0.0)
+    conv_rank, conv_alpha = conv.most_common(1)[0][0] if conv else (0, 0.0)
+    return rank, alpha, conv_rank, conv_alpha
+
+
 class CsvLog:
     """One row per step: raw loss, smoothed loss and each parameter group's learning rate."""
 
@@ -172,6 +278,9 @@ class TrainingRun:
         self.log = log
         self.device = device or pick_device()
         self._stop = False
+        self._completed = 0  # steps finished in the current pass
+        self._stop_after: int | None = None  # steps finished in the pass when Stop was pressed
+        self._dims: dict[str, tuple] = {}  # pass name -> (rank, alpha, conv_rank, conv_alpha) when not the settings'
         self.started_at = time.time()
         self.session_id = uuid.uuid4().int % (2**31)
         self.networks: list = []  # applied networks, innermost first
@@ -183,7 +292,10 @@ class TrainingRun:
 
     # --- control -------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop at the next step (or at the next item while caching); what was trained is saved."""
+        """Stop at the next step (or at the next item while caching); what was trained is saved. Pressed
+        before step 1 finished (the run still looks like it is preparing), nothing is saved."""
+        if self._stop_after is None:
+            self._stop_after = self._completed
         self._stop = True
 
     @property
@@ -262,13 +374,14 @@ class TrainingRun:
         cfg = self.cfg
         self.log(f"Start training: mode {cfg.mode}, model {self.components.name}, device {self.device}")
         if not cfg.save_overwrite:
-            planned = [""] + [f"_{s}steps" for s in range(cfg.save_per_steps, cfg.train_iterations, cfg.save_per_steps or 1)
-                              if cfg.save_per_steps > 0]
-            for suffix in planned:
-                path = self.paths.lora_dir / f"{cfg.save_lora_name}{suffix}.safetensors"
-                if path.exists():
-                    return RunResult(False, f"save_lora_name: {path} already exists; choose another name or turn "
-                                            f"on save_overwrite")
+            path = existing_output(cfg, self.paths.lora_dir)
+            if path is not None:
+                return RunResult(False, f"save_lora_name: {path} already exists; choose another name or turn "
+                                        f"on save_overwrite")
+        problem = output_problem(cfg, self.paths)
+        if problem:
+            self.log(problem)
+            return RunResult(False, problem)
         self.dtype = model_dtype(cfg.train_model_precision, self.device, self.log)
         self.lora_dtype = PRECISIONS[cfg.train_lora_precision]
         if self.device.type == "cpu" and self.lora_dtype == torch.float16:
@@ -312,6 +425,10 @@ class TrainingRun:
                 place(m, "cpu")
             self._free_memory()
         saved = ", ".join(str(f) for f in self.files) or "nothing"
+        if self._stop and steps_done == 0 and not self.files:
+            message = "Stopped before step 1 finished; nothing was saved"
+            self.log(message)
+            return RunResult(False, message, self.files, self.csv_path, 0, True, seed)
         if self._stop:
             return RunResult(True, f"Stopped at step {steps_done}; saved {saved}", self.files, self.csv_path,
                              steps_done, True, seed)
@@ -322,6 +439,8 @@ class TrainingRun:
             torch.cuda.empty_cache()
 
     def _freeze_model(self) -> None:
+        if self._stop:  # Stop pressed while loading: the first check in the pass ends the run
+            return
         c = self.components
         for m in [c.unet, c.vae, *c.text_encoders]:
             m.requires_grad_(False)
@@ -336,6 +455,8 @@ class TrainingRun:
 
         cfg = p.cfg
         c = self.components
+        self._completed = 0
+        self.check_stop()  # each preparation step below can take long on a big model: Stop ends it
         tes = c.text_encoders if p.train_text_encoder else []
         for te in tes:
             place(te, self.device, self.dtype)
@@ -348,17 +469,22 @@ class TrainingRun:
             conv_rank=cfg.network_conv_rank or cfg.network_rank, conv_alpha=cfg.network_conv_alpha or cfg.network_alpha,
             blocks=cfg.network_blocks, element=cfg.network_element, unet_key_style=self.unet_key_style,
             train_text_encoder=p.train_text_encoder, dtype=self.lora_dtype, te_layer_limits=self.te_layer_limits(tes))
+        self.check_stop()
         if cfg.network_resume:
             from .networks.files import load_network_file
             tensors, _ = load_network_file(cfg.network_resume)
+            planned = network_dims(net)
             net.load_kohya(tensors)
             self.log(f"Resumed from {cfg.network_resume}")
+            self._note_resumed_dims(p, net, planned)
+        self.check_stop()
         net.to(self.device)
         net.apply()
         self.networks.append(net)
         self.network = net  # the network this pass trains; modes set its multiplier per step
         n_unet, n_te = net.counts()
-        self.log(f"Network {cfg.network_type} rank {cfg.network_rank} alpha {cfg.network_alpha}: "
+        rank, alpha = self._dims.get(p.name, (cfg.network_rank, cfg.network_alpha))[:2]
+        self.log(f"Network {cfg.network_type} rank {rank} alpha {alpha}: "
                  f"{n_unet} U-Net modules, {n_te} text-encoder modules")
         if cfg.logging_verbose:  # the details its help promises: data counts and the trained modules
             self.log(verbose_summary(self.summary, net))
@@ -378,7 +504,9 @@ class TrainingRun:
             scaler = torch.amp.GradScaler("cuda")
         params = [q for g in groups for q in g["params"]]
         total = cfg.train_iterations
-        save_at = set(range(cfg.save_per_steps, total, cfg.save_per_steps)) if cfg.save_per_steps > 0 else set()
+        every = cfg.save_per_steps
+        self._check_free_space(p, params)
+        self.check_stop()
         log = self._open_csv(p, len(groups)) if cfg.logging_save_csv else None
         wants_metric = getattr(scheduler, "wants_metric", False)
         lagged = self.lagged_loss if self.lagged_loss is not None else self.device.type == "cuda"
@@ -441,7 +569,7 @@ class TrainingRun:
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                completed = step
+                completed = self._completed = step
                 if wants_metric:
                     scheduler.step(value if smooth is None else 0.9 * smooth + 0.1 * value)
                 else:
@@ -451,7 +579,7 @@ class TrainingRun:
                     reader.note_lrs(lrs)
                 else:
                     settle((step, value, lrs))
-                if step in save_at and p.save:
+                if every > 0 and step % every == 0 and step < total and p.save:  # no set of 1e12 steps
                     if reader.lagged:
                         settle(reader.take())
                     self._save(p, net, optimizer, suffix=f"_{step}steps", steps=step)
@@ -469,6 +597,10 @@ class TrainingRun:
         if oom_at is not None:  # out of the except block: the failed step's tensors are freed now
             loss = None
             self._out_of_memory(p, net, optimizer, reader, oom_at, completed, settle)
+        if self._stop and self._stop_after == 0:
+            # Stop pressed before step 1 finished, while the run still looked like it was preparing:
+            # a one-step LoRA is of no use, so nothing of this pass is saved
+            step = 0
         if p.save or self._stop:
             suffix = f"_{step}steps" if self._stop else ""
             # (Stop pressed during a per-step save: that file already holds these weights)
@@ -483,9 +615,21 @@ class TrainingRun:
     def _oom_message(self, cfg, step: int | None) -> str:
         where = f" at step {step}" if step else " while preparing"
         gpu = "GPU " if self.device.type == "cuda" else ""
-        return (f"Out of {gpu}memory{where}: lower train_batch_size (now {cfg.train_batch_size}) or image_size, "
-                f"turn on use_gradient_checkpointing (now {'on' if cfg.use_gradient_checkpointing else 'off'}), "
-                f"or use a half train_model_precision (now {cfg.train_model_precision}: bf16 or fp16)")
+        advice = []
+        ranks = [r for r in (cfg.network_rank, cfg.network_conv_rank) if r]
+        if max(ranks, default=0) >= LARGE_RANK:
+            # the network, its gradients and the optimizer's state all grow with the rank
+            conv = f", network_conv_rank {cfg.network_conv_rank}" if cfg.network_conv_rank else ""
+            advice.append(f"lower network_rank (now {cfg.network_rank}{conv}; 4 to 64 is usual)")
+        size = "x".join(str(s) for s in cfg.image_size)
+        advice.append(f"lower train_batch_size (now {cfg.train_batch_size}) or image_size (now {size})")
+        if not cfg.use_gradient_checkpointing:
+            advice.append("turn on use_gradient_checkpointing (now off)")
+        if getattr(self, "dtype", torch.float32) == torch.float32:  # fp16 runs as fp32 on some CPUs
+            advice.append(f"use a half train_model_precision (now {cfg.train_model_precision}: bf16 or fp16)")
+        if len(advice) > 1:
+            advice[-1] = "or " + advice[-1]
+        return f"Out of {gpu}memory{where}: " + ", ".join(advice)
 
     def _out_of_memory(self, p: Pass, net, optimizer, reader, step: int, done: int, settle) -> None:
         """Keep what the steps before the one that ran out of memory trained, then stop with advice."""
@@ -565,9 +709,14 @@ class TrainingRun:
         if self.zero_terminal_snr:
             extra["ss_zero_terminal_snr"] = True
         te_lr = cfg.train_textencoder_learning_rate or cfg.train_learning_rate
+        rank, alpha, conv_rank, conv_alpha = self._dims.get(
+            p.name, (cfg.network_rank, cfg.network_alpha, cfg.network_conv_rank, cfg.network_conv_alpha))
+        if p.name in self._dims:  # resumed from a file of another rank: its tensors (and this file's) have that one
+            extra["traintrain.network_resume"] = (f"{Path(cfg.network_resume).name}: rank {rank}, alpha {alpha:g} "
+                                                  f"from the file (network_rank={cfg.network_rank} not used)")
         metadata = build_metadata(
-            family=family, algo=cfg.network_type, rank=cfg.network_rank, alpha=cfg.network_alpha,
-            conv_rank=cfg.network_conv_rank, conv_alpha=cfg.network_conv_alpha, output_name=path.stem,
+            family=family, algo=cfg.network_type, rank=rank, alpha=alpha,
+            conv_rank=conv_rank, conv_alpha=conv_alpha, output_name=path.stem,
             training_started_at=self.started_at, session_id=self.session_id, learning_rate=cfg.train_learning_rate,
             unet_lr=cfg.train_learning_rate, text_encoder_lr=te_lr if p.train_text_encoder else None,
             max_train_steps=cfg.train_iterations, steps=steps, lr_warmup_steps=cfg.train_lr_warmup_steps,
@@ -580,10 +729,59 @@ class TrainingRun:
         try:
             save_network(path, tensors, metadata, overwrite=cfg.save_overwrite)
         except OSError as e:  # a full disk, a read-only folder, a file that appeared meanwhile
-            raise TrainingError(f"Could not save {path}: {e}. Any earlier file of that name is unchanged") from e
+            kept = self._rescue(path, tensors, metadata)
+            where = (f"; the trained weights are kept in {kept}: move that file where you want it" if kept else
+                     "; the trained weights could not be written anywhere else either")
+            raise TrainingError(f"Could not save {path}: {e}{where}. Any earlier file of that name is "
+                                f"unchanged") from e
         self.files.append(path)
         self.log(f"Saved {path}")
         return path
+
+    def _rescue(self, path: Path, tensors: dict, metadata: dict) -> Path | None:
+        """Keep weights whose file could not be saved (a disk that filled up while training): in the
+        workdir's rescued/ folder, else in the system's temp folder. None when neither takes them."""
+        from .networks.files import save_network
+
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        for folder in (self.paths.log_dir.parent / "rescued", Path(tempfile.gettempdir()) / "traintrain-rescued"):
+            target = folder / f"{path.stem}-{stamp}{path.suffix}"
+            if folder == path.parent:
+                continue
+            try:
+                save_network(target, tensors, metadata)
+            except OSError:
+                continue
+            self.files.append(target)
+            self.log(f"Could not save {path}; the trained weights are kept in {target}")
+            return target
+        return None
+
+    def _note_resumed_dims(self, p: Pass, net, planned: tuple) -> None:
+        """network_resume: the file's rank and alpha win over the settings' (its tensors have them);
+        the log and the saved metadata say so."""
+        got = network_dims(net)
+        if got != planned:
+            self._dims[p.name] = got
+            self.log(f"network_resume: {p.cfg.network_resume} has rank {got[0]} alpha {got[1]:g}; the file's "
+                     f"rank and alpha are kept (network_rank={p.cfg.network_rank}, network_alpha="
+                     f"{p.cfg.network_alpha:g} are not used) and the saved metadata says so")
+
+    def _check_free_space(self, p: Pass, params: list) -> None:
+        """Before step 1: the LoRA folder has room for the file this pass saves (a disk that fills up
+        later is met by _rescue)."""
+        if not p.save:
+            return
+        size = sum(q.numel() for q in params) * save_dtype(p.cfg.save_precision).itemsize + _WRITE_PROBE  # + metadata
+        folder = self.paths.lora_dir
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return  # the folder was checked before the model loaded; the save reports anything else
+        if free < size:
+            raise TrainingError(f"The LoRA output folder {folder} has {free / 2**20:.1f} MB free, and "
+                                f"{p.name}.safetensors needs about {size / 2**20:.1f} MB: free some space or "
+                                f"choose another folder; nothing was trained")
 
 
 def _checkpoint_text_encoder(te) -> None:
