@@ -262,8 +262,8 @@ def test_the_tab_shows_the_latest_grid_while_training_and_all_grids_after(images
     ui = TrainTrainUI(StandaloneHost(tmp_path))
     reached, release = threading.Event(), threading.Event()
 
-    def hold(p):  # the job waits after its step-2 grid until the test has looked at the tab
-        if p.phase == "sample" and p.step == 2:
+    def hold(p):  # the job waits at its last step (grids of steps 0 and 2 drawn) until the test has looked
+        if p.phase == "train" and p.step == 3:
             reached.set()
             release.wait(60)
 
@@ -275,7 +275,9 @@ def test_the_tab_shows_the_latest_grid_while_training_and_all_grids_after(images
     ui.queue.start()
     assert reached.wait(600)
     gallery, state = ui.sample_grids({})
+    status = ui.status_line()
     release.set()
+    assert status.startswith("Training tab (job 1) · step 3/3") and " · sampling 0:00:" in status
     assert ui.queue.wait(600) and ui.queue.jobs()[0].status == DONE
     folder = tmp_path / "samples" / "tab"
     assert [Path(p).name.split("-", 1)[1] for p, _ in gallery["value"]] == ["step00002.png", "step00000.png"]
