@@ -180,6 +180,7 @@ class LiveProgress:
     message: str = ""
     pass_name: str = ""
     history: list = field(default_factory=list)  # [(step, loss, smooth, lrs)] of the current pass
+    sample_s: float = 0.0  # time spent drawing sample grids so far
     updated: float = 0.0
 
 
@@ -600,6 +601,7 @@ class JobQueue:
                 lp.history.append((p.step, p.loss, p.loss_avg, tuple(p.lrs)))
                 lp.step, lp.total, lp.loss, lp.loss_avg = p.step, p.total, p.loss, p.loss_avg
                 lp.lrs, lp.sec_per_it, lp.eta_s = tuple(p.lrs), p.sec_per_it, p.eta_s
+                lp.sample_s = getattr(p, "sample_s", 0.0)
             else:
                 lp.message = p.message
             lp.phase = p.phase
