@@ -37,6 +37,36 @@ def test_train_from_a_preset_prints_what_it_saved(images, tmp_path):
     assert (tmp_path / "output" / "cli_lora.safetensors").is_file()
     assert any(line.endswith(".csv") for line in lines)
     assert "3/3" in r.stderr and "s/it" in r.stderr and "ETA" in r.stderr
+    assert r.stderr.count("Saved ") == 1, r.stderr  # logged once, not again as the final message
+
+
+def test_ctrl_c_saves_what_was_trained_like_stop(images, tmp_path):
+    import queue
+    import signal
+    import threading
+
+    env = {**os.environ, "TT_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # 10^12 steps: before, the save-name check walked every step and step 1 never came
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", "--data", str(images), "--name", "cc",
+                             "--iterations", "1000000000000", "--rank", "4", *map(str, SMALL)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    seen = []
+    try:
+        while not any("/1000000000000 loss" in x for x in seen):
+            seen.append(lines.get(timeout=240))
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    while not lines.empty():
+        seen.append(lines.get())
+    err = "".join(seen)
+    assert proc.returncode == 130, err
+    saved = sorted((tmp_path / "output").glob("cc_*steps.safetensors"))
+    assert len(saved) == 1 and str(saved[0].name) in err and "Stopped at step" in err, err
+    assert saved[0].name in out and "Traceback" not in err
 
 
 def test_a_single_file_checkpoint_is_used_as_the_model(images, tmp_path):
@@ -97,3 +127,20 @@ def test_plot_and_settings_commands(tmp_path):
     assert r.returncode == 0 and (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
     r = cli("settings", "--mode", "iLECO", "--lang", "ja", cwd=tmp_path)
     assert r.returncode == 0 and "network_rank" in r.stdout and "lora_data_directory" not in r.stdout
+
+
+def test_a_second_ctrl_c_quits_at_once(capsys):
+    from trainer.__main__ import _CtrlCStops
+
+    class Run:
+        stopped = 0
+
+        def stop(self):
+            self.stopped += 1
+
+    run = Run()
+    ctrl_c = _CtrlCStops(run)
+    ctrl_c(2, None)  # the first: what the tab's Stop does
+    assert run.stopped == 1 and "Ctrl-C again" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        ctrl_c(2, None)
