@@ -293,8 +293,10 @@ def test_from_file_detects_sgm_keys(tmp_path):
     assert loaded.unet_key_style == "sgm" and loaded.counts() == net.counts()
     a, b = net.state_dict_kohya(torch.float16), loaded.state_dict_kohya(torch.float16)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="match nothing"):
-        Network.from_file(p, unet, [te], unet_key_style="diffusers")
+    # either key style is read whatever style the network names its own modules in (issue 13)
+    as_diffusers = Network.from_file(p, unet, [te], unet_key_style="diffusers")
+    assert as_diffusers.counts() == net.counts()
+    assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_") for k in as_diffusers.state_dict_kohya())
 
 
 def test_failed_rename_leaves_no_temp_file(tmp_path, monkeypatch):

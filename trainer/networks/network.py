@@ -24,6 +24,27 @@ from .targets import (
 
 __all__ = ["Network", "LoadResult"]
 
+
+def _untucker_loha(name: str, subs: Mapping[str, torch.Tensor]) -> dict:
+    """LyCORIS's Tucker LoHa (what LoHa conv layers of the original TrainTrain are, ``use_tucker``):
+    ``W_i[o, c, kh, kw] = Σ_ab t_i[a, b, kh, kw] · w_ia[a, o] · w_ib[b, c]`` with ``w_ia`` [rank, out],
+    ``w_ib`` [rank, in].  The same ΔW in our flat form: ``w_ia.T`` @ (t_i contracted with ``w_ib``,
+    flattened to [rank, in·kh·kw]), so a Tucker file resumes with the same effect."""
+    out = dict(subs)
+    for i in ("1", "2"):
+        t = subs.get(f"hada_t{i}")
+        if t is None:
+            raise ValueError(f"{name}: hada_t1 and hada_t2 come together (Tucker LoHa), the file has only one")
+        wa, wb = subs[f"hada_w{i}_a"].float(), subs[f"hada_w{i}_b"].float()
+        if t.dim() != 4 or wa.dim() != 2 or wb.dim() != 2 or t.shape[0] != wa.shape[0] or t.shape[1] != wb.shape[0]:
+            raise ValueError(f"{name}: Tucker LoHa tensors of shapes {tuple(t.shape)}, {tuple(wa.shape)}, "
+                             f"{tuple(wb.shape)} do not fit together")
+        core = torch.einsum("abhw,bc->achw", t.float(), wb)
+        out[f"hada_w{i}_a"] = wa.t().contiguous()
+        out[f"hada_w{i}_b"] = core.reshape(core.shape[0], -1).contiguous()
+        del out[f"hada_t{i}"]
+    return out
+
 _LORA_SUBKEYS = ("lora_down.weight", "lora_up.weight")
 _LOHA_SUBKEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _SGM_UNET_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
@@ -34,6 +55,13 @@ class LoadResult:
     loaded: list = field(default_factory=list)    # module names filled from the file
     created: list = field(default_factory=list)   # of those, modules (re)built with the file's rank/algo
     missing: list = field(default_factory=list)   # modules of this network the file had no tensors for
+    skipped: dict = field(default_factory=dict)   # part ("te" / "unet") -> file module names not loaded
+
+    def skipped_line(self, what: str) -> str:
+        """One line saying what of the file was not loaded (empty when nothing was skipped)."""
+        parts = {"te": "text-encoder", "unet": "U-Net"}
+        said = [f"{len(v)} {parts.get(k, k)} module(s)" for k, v in sorted(self.skipped.items()) if v]
+        return f"{what}: skipped {', '.join(said)} of the file (this pass does not train them)" if said else ""
 
 
 class _Undo:
@@ -296,16 +324,47 @@ class Network(nn.Module):
         return out
 
     def _candidates(self) -> dict:
+        """Every module name a file may use for a module of this model → its Target under our own
+        name.  Files in the wild name the U-Net either way: kohya writes SGM paths for SDXL, while the
+        original TrainTrain (and diffusers' kohya export) wrote diffusers paths for every family; both
+        come from one module map (trainer.models.convert via targets.unet_targets).  A file for a
+        one-encoder model may say ``lora_te1_`` where we say ``lora_te_`` (A1111 reads both)."""
         unet, tes = self._models
-        reg = {t.name: t for t in unet_targets(unet, algo="c3lier", key_style=self.unet_key_style, ldm_map=self._ldm_map)}
-        for t in te_targets(tes):
+        own = unet_targets(unet, algo="c3lier", key_style=self.unet_key_style, ldm_map=self._ldm_map)
+        reg = {t.name: t for t in own}
+        other = "diffusers" if self.unet_key_style == "sgm" else "sgm"
+        try:
+            ldm_map = self._ldm_map if self._ldm_map is not None else default_ldm_map(unet)
+            alt = unet_targets(unet, algo="c3lier", key_style=other, ldm_map=ldm_map)
+        except (ValueError, RuntimeError, KeyError):
+            alt = []  # a U-Net the module map does not cover: only our own names are read
+        by_path = {t.path: t for t in own}
+        for t in alt:
+            if t.path in by_path:
+                reg.setdefault(t.name, by_path[t.path])
+        te = te_targets(tes)
+        for t in te:
             reg[t.name] = t
+            if len(tes) == 1 and t.name.startswith("lora_te_"):
+                reg.setdefault("lora_te1_" + t.name[len("lora_te_"):], t)
         return reg
 
+    @staticmethod
+    def _part_of_name(name: str) -> Optional[str]:
+        if name.startswith("lora_unet_"):
+            return "unet"
+        if name.startswith("lora_te"):
+            return "te"
+        return None
+
     @torch.no_grad()
-    def load_kohya(self, state_dict: Mapping[str, torch.Tensor]) -> LoadResult:
+    def load_kohya(self, state_dict: Mapping[str, torch.Tensor], *, parts: Optional[Iterable[str]] = None) -> LoadResult:
         """Fill (or create) adapters from kohya-format tensors: resume, or load a copier.
 
+        Module names may be in any key style the ecosystem writes (see ``_candidates``); the
+        adapters keep our own names.  ``parts`` ("unet", "te"): only those parts of the file are
+        loaded, the others are listed in the result's ``skipped`` (a pass that does not train the
+        text encoder resumes from a file that has it); None loads everything.
         The rank of each module comes from the file's shapes; a module whose rank or
         algorithm differs from the existing one is rebuilt.  Unknown module names,
         unsupported tensors, and shapes that do not fit the model raise ValueError.
@@ -315,6 +374,14 @@ class Network(nn.Module):
         for key, tensor in state_dict.items():
             name, _, sub = key.partition(".")
             grouped.setdefault(name, {})[sub] = tensor
+        result = LoadResult()
+        if parts is not None:
+            keep = set(parts)
+            for name in list(grouped):
+                part = self._part_of_name(name)
+                if part is not None and part not in keep:
+                    result.skipped.setdefault(part, []).append(name)
+                    del grouped[name]
         candidates = self._candidates()
         unknown = sorted(n for n in grouped if n not in candidates)
         if unknown:
@@ -322,6 +389,12 @@ class Network(nn.Module):
                 f"{len(unknown)} module name(s) in the file match nothing in this model "
                 f"(wrong model family or key style?), e.g. {', '.join(unknown[:4])}"
             )
+        seen: dict = {}
+        for name in grouped:
+            own = candidates[name].name
+            if own in seen:
+                raise ValueError(f"the file has two entries for the same module: {seen[own]} and {name}")
+            seen[own] = name
         plans = []
         for name, subs in grouped.items():
             target = candidates[name]
@@ -329,6 +402,8 @@ class Network(nn.Module):
                 kind, known, rank = "lora", _LORA_SUBKEYS, int(subs["lora_down.weight"].shape[0])
                 expected = lora_shapes(target.module, rank)
             elif all(k in subs for k in _LOHA_SUBKEYS):
+                if "hada_t1" in subs or "hada_t2" in subs:
+                    subs = _untucker_loha(name, subs)
                 kind, known, rank = "loha", _LOHA_SUBKEYS, int(subs["hada_w1_b"].shape[0])
                 expected = loha_shapes(target.module, rank)
             else:
@@ -348,7 +423,6 @@ class Network(nn.Module):
             alpha = resolve_alpha(subs["alpha"], rank) if "alpha" in subs else float(rank)
             plans.append((target, kind, rank, alpha, {k: subs[k] for k in known}))
 
-        result = LoadResult()
         for target, kind, rank, alpha, tensors in plans:
             existing = self._modules.get(target.name)
             cls = ALGO_MODULES[kind]
