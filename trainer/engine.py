@@ -474,7 +474,15 @@ class TrainingRun:
             from .networks.files import load_network_file
             tensors, _ = load_network_file(cfg.network_resume)
             planned = network_dims(net)
-            net.load_kohya(tensors)
+            # a pass that trains no text encoder still resumes from a file that has one (the original
+            # writes lora_te* keys by default): those are skipped and said so, anything else must fit
+            parts = ("unet", "te") if net.te_modules else ("unet",)
+            try:
+                loaded = net.load_kohya(tensors, parts=parts)
+            except ValueError as e:
+                raise TrainingError(f"network_resume: {cfg.network_resume} does not fit this model: {e}") from e
+            if loaded.skipped_line("network_resume"):
+                self.log(loaded.skipped_line("network_resume"))
             self.log(f"Resumed from {cfg.network_resume}")
             self._note_resumed_dims(p, net, planned)
         self.check_stop()
