@@ -608,3 +608,19 @@ def test_files_are_written_with_the_umask_and_keep_the_mode_they_replace(tmp_pat
         assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
     finally:
         os.umask(previous)
+
+
+def test_the_tab_refuses_a_job_whose_lora_folder_is_a_file_before_loading(data, tmp_path, monkeypatch):
+    from trainer.jobs import FAILED, JobQueue, StandaloneHost, host_runner
+
+    def refuse(self, *a, **k):
+        raise AssertionError("the model was loaded although the LoRA folder cannot be written")
+
+    monkeypatch.setattr(StandaloneHost, "session", refuse)
+    (tmp_path / "loras").write_text("not a folder")
+    host = StandaloneHost(tmp_path / "work", lora_dir=tmp_path / "loras", device=torch.device("cpu"))
+    q = JobQueue(tmp_path / "queue", host_runner(host), console=lambda m: None)
+    q.add(make_cfg(data, train_iterations=2))
+    assert q.start() and q.wait(60)
+    job = q.jobs()[0]
+    assert job.status == FAILED and str(tmp_path / "loras") in job.message and "not a folder" in job.message

@@ -727,6 +727,11 @@ def host_runner(host) -> Runner:
             return RunResult(False, str(e))
         except ValueError as e:
             return RunResult(False, str(e))
+        from .engine import output_problem
+
+        problem = output_problem(cfg, paths)  # every folder the run writes to, before the model loads
+        if problem:
+            return RunResult(False, problem)
         if cfg.save_as_json:
             path = write_settings_json(cfg, paths, time.time())
             control.log(f"Settings saved to {path}")
