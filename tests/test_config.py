@@ -103,7 +103,7 @@ def test_59_original_rows_in_order_with_defaults_and_visibility():
 
 def test_additions_are_marked_and_at_the_end():
     added = {s.name: s for s in C.ADDED_SETTINGS}
-    assert set(added) == {"clip_skip", "leco_objective", "leco_guidance_scale", "model_zero_terminal_snr",
+    assert set(added) == {"caption_emphasis", "clip_skip", "leco_objective", "leco_guidance_scale", "model_zero_terminal_snr",
                           "train_max_grad_norm", "latent_cache_on_disk", "sample_every_n_steps", "sample_prompts",
                           "sample_negative_prompt", "sample_multipliers", "sample_seed", "sample_steps",
                           "sample_cfg_scale", "sample_sampler", "sample_size"}
@@ -450,10 +450,11 @@ def test_shipped_preset(name):
         assert ("BASE" in cfg.network_blocks) == name.endswith("SD1.5")
     # round trip, and the file is exactly what save_preset writes
     assert Config.from_dict(cfg.to_dict()) == cfg
-    # the file is exactly what save_preset writes, less the sample rows it predates (absent = samples off)
+    # the file is exactly what save_preset writes, less the rows it predates (absent = samples off,
+    # captions literal)
     def predating(d):
         return {k: predating(v) if isinstance(v, dict) and k == "2nd pass" else v for k, v in d.items()
-                if not k.startswith("sample_")}
+                if not k.startswith("sample_") and k != "caption_emphasis"}
 
     written = predating(cfg.to_dict())
     assert all(cfg.values[k] == C.SETTINGS_BY_NAME[k].default for k in cfg.values if k.startswith("sample_"))

@@ -947,6 +947,14 @@ ORIGINAL_SETTINGS: tuple[Setting, ...] = (
 )
 
 ADDED_SETTINGS: tuple[Setting, ...] = (
+    # captions are read literally, as the original and kohya read them; prompts typed in the
+    # iLECO / pair modes keep the Web-UI's emphasis syntax, as the original encoded them
+    _row("caption_emphasis", "checkbox", bool, False, "L",
+         "Read the Web-UI emphasis syntax in captions: (word) x1.1, [word] /1.1, (word:1.3), BREAK. "
+         "Off (default): captions are read literally, brackets and all, as the original TrainTrain and kohya do.",
+         "キャプション中のWeb-UIの強調構文((word)で1.1倍、[word]、(word:1.3)、BREAK)を解釈します。"
+         "オフ(既定)ではキャプションを括弧も含めてそのまま読みます(元のTrainTrainやkohyaと同じ)。",
+         addition=True),
     _row("clip_skip", "text", int, 1, "L,I,D1,D2,A,M",
          "Use the text-encoder output this many layers from the end (2 for most anime models). "
          "SD2 always uses the penultimate layer.",

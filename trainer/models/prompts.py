@@ -104,8 +104,10 @@ def parse_emphasis(text: str) -> list:
     return merged or [("", 1.0)]
 
 
-def chunk_prompt(tokenizer, text: str) -> list:
-    """Token ids and weights of one prompt in chunks of at most 75: ``[(ids, weights), ...]``."""
+def chunk_prompt(tokenizer, text: str, emphasis: bool = True) -> list:
+    """Token ids and weights of one prompt in chunks of at most 75: ``[(ids, weights), ...]``.
+    ``emphasis`` False reads the text literally (brackets are words, every weight 1, no BREAK), as
+    kohya and the original TrainTrain read captions."""
     chunks: list = []
     ids: list = []
     ws: list = []
@@ -116,7 +118,7 @@ def chunk_prompt(tokenizer, text: str) -> list:
         chunks.append((ids, ws))
         ids, ws, last_comma = [], [], -1
 
-    for text_part, weight in parse_emphasis(text):
+    for text_part, weight in (parse_emphasis(text) if emphasis else [(text, 1.0)]):
         if text_part == BREAK and weight == -1.0:
             close()
             continue
@@ -147,10 +149,10 @@ def _chunk_tensors(chunk: tuple, pad_id: int) -> tuple:
     return full_ids, full_ws
 
 
-def tokenize_batch(tokenizer, prompts: Sequence[str]) -> tuple:
+def tokenize_batch(tokenizer, prompts: Sequence[str], emphasis: bool = True) -> tuple:
     """``(ids [B, k, 77] long, weights [B, k, 77] float)`` with all prompts padded to k chunks."""
     pad_id = int(tokenizer.pad_token_id)
-    per_prompt = [chunk_prompt(tokenizer, p) for p in prompts]
+    per_prompt = [chunk_prompt(tokenizer, p, emphasis) for p in prompts]
     k = max(len(c) for c in per_prompt)
     all_ids, all_ws = [], []
     for chunks in per_prompt:
@@ -213,8 +215,10 @@ def _encode_one(te, family: Family, ids: torch.Tensor, ws: torch.Tensor, clip_sk
     return hidden, pooled
 
 
-def encode_prompts(components, prompts: Union[str, Sequence[str]], clip_skip: int = 1) -> Conditioning:
-    """Encode prompts with the Web-UI's emphasis syntax and 75-token chunks (see module doc)."""
+def encode_prompts(components, prompts: Union[str, Sequence[str]], clip_skip: int = 1,
+                   emphasis: bool = True) -> Conditioning:
+    """Encode prompts with the Web-UI's emphasis syntax and 75-token chunks (see module doc);
+    ``emphasis`` False reads them literally (captions, unless ``caption_emphasis``)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
@@ -223,13 +227,13 @@ def encode_prompts(components, prompts: Union[str, Sequence[str]], clip_skip: in
         raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
     family = components.info.family
     if family is Family.SDXL:
-        tensors = [tokenize_batch(tok, prompts) for tok in components.tokenizers]
+        tensors = [tokenize_batch(tok, prompts, emphasis) for tok in components.tokenizers]
         k = max(t[0].shape[1] for t in tensors)
         if any(t[0].shape[1] != k for t in tensors):  # pad ids differ, chunking does not; guard anyway
             raise RuntimeError("SDXL tokenizers produced different chunk counts")
         h1, _ = _encode_one(components.text_encoders[0], family, *tensors[0], clip_skip, False, False)
         h2, pooled = _encode_one(components.text_encoders[1], family, *tensors[1], clip_skip, False, True)
         return Conditioning(torch.cat([h1, h2.to(h1.dtype)], dim=-1), pooled)
-    ids, ws = tokenize_batch(components.tokenizers[0], prompts)
+    ids, ws = tokenize_batch(components.tokenizers[0], prompts, emphasis)
     hidden, _ = _encode_one(components.text_encoders[0], family, ids, ws, clip_skip, True, False)
     return Conditioning(hidden, None)

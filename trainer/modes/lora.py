@@ -67,7 +67,8 @@ class LoRAMode:
             encoders = run.components.text_encoders
             for te in encoders:
                 place(te, run.device, run.dtype)
-            self.embeddings = encode_captions(run, sorted(set(self.captions) | {""}), cfg.clip_skip)
+            self.embeddings = encode_captions(run, sorted(set(self.captions) | {""}), cfg.clip_skip,
+                                              emphasis=cfg.caption_emphasis)
             for te in encoders:
                 place(te, "cpu")
 
@@ -79,7 +80,8 @@ class LoRAMode:
         run = self.run
         if self.train_te:
             with run.autocast():
-                cond = encode_prompts(run.components, captions, clip_skip=run.cfg.clip_skip)
+                cond = encode_prompts(run.components, captions, clip_skip=run.cfg.clip_skip,
+                                      emphasis=run.cfg.caption_emphasis)
             return unet_cond(cond.hidden, cond.pooled, sizes)
         cached = [self.embeddings[c] for c in captions]
         hidden = pad_chunks([h for h, _ in cached], self.embeddings[""][0]).to(run.device)
@@ -97,21 +99,21 @@ class LoRAMode:
         return run.step_loss(pred, run.schedule.target(x0, noise, t), t)
 
 
-def encode_captions(run, texts: list[str], clip_skip: int, batch: int = 16) -> dict:
+def encode_captions(run, texts: list[str], clip_skip: int, batch: int = 16, emphasis: bool = False) -> dict:
     """{text: (hidden [1, 77k, D], pooled [1, P] | None)}, each text through the frozen text encoder(s)
     once, in batches of texts with the same number of 75-token chunks (so nothing is padded and each
     result is what encoding it alone gives): 1.45x less CPU time than one at a time, fewer GPU launches."""
     groups: dict[int, list[str]] = {}
     tokenizer = run.components.tokenizers[0]
     for text in texts:
-        groups.setdefault(len(chunk_prompt(tokenizer, text)), []).append(text)
+        groups.setdefault(len(chunk_prompt(tokenizer, text, emphasis)), []).append(text)
     out = {}
     with torch.no_grad(), run.autocast():
         for group in groups.values():
             for i in range(0, len(group), batch):
                 run.check_stop()
                 chunk = group[i:i + batch]
-                cond = encode_prompts(run.components, chunk, clip_skip=clip_skip)
+                cond = encode_prompts(run.components, chunk, clip_skip=clip_skip, emphasis=emphasis)
                 for j, text in enumerate(chunk):
                     pooled = cond.pooled[j:j + 1].float().clone() if cond.pooled is not None else None
                     out[text] = (cond.hidden[j:j + 1].float().clone(), pooled)
