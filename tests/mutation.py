@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/mutation.py trainer.diffusion     # mutate one module, run its fast tests
     .venv/bin/python tests/mutation.py trainer.modes.ileco trainer.modes.base   # several in one run
+    .venv/bin/python tests/mutation.py --survivors-again trainer.diffusion   # after adding tests: rerun survivors
     .venv/bin/python tests/mutation.py --summary             # killed / survived / timeout per module
     .venv/bin/python tests/mutation.py --survivors trainer.diffusion   # the surviving mutants' diffs
 
@@ -37,7 +38,7 @@ def module_tests(module: str) -> list[str]:
              f"{', '.join(cfg.options('mutmut-tests'))}")
 
 
-def run(modules: list[str]) -> None:
+def run(modules: list[str], survivors_only: bool = False) -> None:
     os.chdir(ROOT)
     os.environ.setdefault("TT_THREADS", "1")
     import torch
@@ -51,8 +52,14 @@ def run(modules: list[str]) -> None:
     for module in modules:
         tests += [t for t in module_tests(module) if t not in tests]
     mc._config.pytest_add_cli_args_test_selection = tests
+    names = [f"{m}.*" for m in modules]
+    if survivors_only:  # after adding tests: run again only what the last run of these modules left alive
+        names = [n for m in modules for n, status in json.loads(
+            (ROOT / "mutants" / "scores" / f"{m}.json").read_text()).items() if status != "killed"]
+        if not names:
+            return
     try:
-        cli(["run", "--max-children", "1", *(f"{m}.*" for m in modules)], standalone_mode=False)
+        cli(["run", "--max-children", "1", *names], standalone_mode=False)
     finally:  # each module has its own tests: keep its verdicts apart from the next module's run
         for module in modules:
             snapshot = ROOT / "mutants" / "scores" / f"{module}.json"
@@ -98,6 +105,8 @@ if __name__ == "__main__":
         summary()
     elif args[:1] == ["--survivors"] and len(args) == 2:
         survivors(args[1])
+    elif args[:1] == ["--survivors-again"] and len(args) > 1:
+        run(args[1:], survivors_only=True)
     elif args and not any(a.startswith("-") for a in args):
         run(args)
     else:

@@ -62,3 +62,86 @@ def test_cached_captions_condition_the_unet_like_encoding_them_in_the_step(image
     with torch.no_grad():
         other_skip = encode_prompts(components, [LONG, short], clip_skip=1).hidden
     assert not torch.allclose(cond.hidden, other_skip, atol=1e-3)  # clip_skip reaches the cache
+
+
+# --- networks: apply / remove / multipliers, as a trainer and a loader use them -------------------------
+
+def small_network(algo="lierla", **kw):
+    from trainer.networks.network import Network
+
+    c = tiny_components()
+    net = Network.create(c.unet, c.text_encoders, algo=algo, rank=2, alpha=2, train_text_encoder=True, **kw)
+    with torch.no_grad():
+        for q in net.parameters():  # a non-zero effect, so multipliers show
+            q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())) * 0.2)
+    return c, net
+
+
+def test_network_context_managers_let_errors_through_and_undo():
+    c, net = small_network()
+    with pytest.raises(ZeroDivisionError):
+        with net.apply():
+            1 / 0
+    assert not net.applied and all(not m.applied for m in net.adapters())
+    net.apply()
+    with pytest.raises(RuntimeError, match="network is already applied"):
+        net.apply()
+    with pytest.raises(ZeroDivisionError):
+        with net.multiplier(0.25, 0.5):
+            1 / 0
+    assert net.current_multiplier == (1.0, 1.0) and {m.multiplier for m in net.adapters()} == {1.0}
+    net.remove()
+
+
+def test_a_failed_apply_restores_the_adapters_already_applied(monkeypatch):
+    c, net = small_network()
+    x = torch.randn(1, 4, 8, 8)
+    hidden = torch.randn(1, 77, c.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        before = c.unet(x, torch.tensor([10]), encoder_hidden_states=hidden).sample
+    mods = list(net.adapters())
+    monkeypatch.setattr(mods[len(mods) // 2], "apply_to", lambda: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError, match="boom"):
+        net.apply()
+    assert not net.applied and all(not m.applied for m in mods)
+    with torch.no_grad():
+        assert torch.equal(c.unet(x, torch.tensor([10]), encoder_hidden_states=hidden).sample, before)
+
+
+def test_unet_and_text_encoder_multipliers_are_separate():
+    c, net = small_network()
+    unet_mods, te_mods = net.unet_modules, net.te_modules
+    assert unet_mods and te_mods
+    net.set_multiplier(0.75, 0.0)
+    assert net.current_multiplier == (0.75, 0.0)
+    assert {m.multiplier for m in unet_mods} == {0.75} and {m.multiplier for m in te_mods} == {0.0}
+    with net.multiplier(0.5, 0.25):
+        assert {m.multiplier for m in unet_mods} == {0.5} and {m.multiplier for m in te_mods} == {0.25}
+        assert net.current_multiplier == (0.5, 0.25)
+    assert net.current_multiplier == (0.75, 0.0) and {m.multiplier for m in te_mods} == {0.0}
+    with net.multiplier(0.3):  # one value: both parts
+        assert {m.multiplier for m in net.adapters()} == {0.3}
+
+
+@pytest.mark.parametrize("algo", ["lierla", "c3lier", "loha"])
+def test_fresh_networks_start_at_multiplier_one_and_a_file_knows_its_algorithm(tmp_path, algo):
+    from trainer.networks.files import save_network
+    from trainer.networks.network import Network
+
+    c, net = small_network(algo)
+    assert net.current_multiplier == (1.0, 1.0) and {m.multiplier for m in net.adapters()} == {1.0}
+    path = tmp_path / f"{algo}.safetensors"
+    save_network(path, net.state_dict_kohya(torch.float32), {"ss_network_module": "x"})
+    loaded = Network.from_file(path, c.unet, c.text_encoders)
+    assert loaded.algo == algo and loaded.current_multiplier == (1.0, 1.0)
+    assert {m.multiplier for m in loaded.adapters()} == {1.0}
+    half = Network.from_file(path, c.unet, c.text_encoders, multiplier=0.5)
+    assert {m.multiplier for m in half.adapters()} == {0.5}
+
+
+def test_loha_adapters_live_on_the_device_of_their_module():
+    from trainer.networks.modules import LoHaModule
+
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, device="meta")
+    assert all(q.device.type == "meta" for q in LoHaModule("x", conv, 2).parameters())
+    assert LoHaModule("x", torch.nn.Linear(4, 4), 2).multiplier == 1.0
