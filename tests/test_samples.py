@@ -303,3 +303,14 @@ def test_stop_ends_sampling_too(images, tmp_path):
     result = run.run(mode_for("LoRA"))
     assert result.ok and result.stopped and result.steps == 2
     assert [f.stem.split("-", 1)[1] for f in grids(tmp_path)] == ["step00000", "step00002"]  # no grid after Stop
+
+
+def test_a_grid_that_cannot_be_saved_costs_the_preview_not_the_training(images, tmp_path):
+    (tmp_path / "samples").write_text("a file where the samples folder would go")
+    cfg = Config.defaults("LoRA").with_overrides({**SMALL, **FAST, "lora_data_directory": str(images),
+                                                  "sample_every_n_steps": 1, "save_lora_name": "s"})
+    said = []
+    run = TrainingRun(cfg, tiny_components(), OutputPaths.under(tmp_path), log=said.append, device=torch.device("cpu"))
+    result = run.run(mode_for("LoRA"))
+    assert result.ok and (tmp_path / "output" / "s.safetensors").is_file()
+    assert any(m.startswith("Could not save the sample grid of step 0 in ") and "training goes on" in m for m in said)

@@ -337,8 +337,13 @@ class TrainingSamples:
         title = f"{p.name}: {when} · seed {', '.join(map(str, spec.seeds))} · {spec.sampler} {spec.steps} steps, " \
                 f"CFG {spec.cfg_scale:g}"
         info = grid_info(spec, title=title, name=p.name, step=step, total=total)
-        path = save_png(render_grid(columns, spec.rows, spec.multipliers, title), self.folder / self.filename(p, step),
-                        info)
+        try:
+            path = save_png(render_grid(columns, spec.rows, spec.multipliers, title),
+                            self.folder / self.filename(p, step), info)
+        except OSError as e:  # a full disk or a read-only folder costs the preview, never the training
+            self.seconds += time.perf_counter() - t0
+            self.run.log(f"Could not save the sample grid of step {step} in {self.folder}: {e}; training goes on")
+            return None
         self.seconds += time.perf_counter() - t0
         self.grids += 1
         self.files.append(path)
