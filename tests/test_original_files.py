@@ -233,3 +233,44 @@ def test_difference_loads_an_original_sdxl_copier(tmp_path, algo):
     assert result.ok, result.message
     n_unet = sum(1 for n in modules if n.startswith("lora_unet_"))
     assert any(f"Copier loaded from {path} ({n_unet} modules)" in m for m in said), said
+
+
+# -- CSV logs -----------------------------------------------------------------------------------
+
+def original_csv(path, n_groups):
+    """A log made by the original's rules (spec §8.4): [key, value] rows, then Step, Loss (the EMA),
+    Learning Rate 1…k, one row per step."""
+    import csv
+    rows = [["network_rank", 16], ["network_alpha", 8], ["train_learning_rate", 0.0001],
+            ["train_iterations", 5], ["train_lr_scheduler", "cosine"], ["model_version", "sd_v1"],
+            ["train_optimizer", "adamw"], ["save_lora_name", "old"],
+            ["Step", "Loss"] + [f"Learning Rate {i + 1}" for i in range(n_groups)]]
+    ema = [0.31, 0.29, 0.27, 0.26, 0.25]
+    for step in range(1, 6):
+        rows.append([step, ema[step - 1]] + [1e-4 * (6 - step) / 5 * (i + 1) for i in range(n_groups)])
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return ema, [[1e-4 * (6 - s) / 5 * (i + 1) for s in range(1, 6)] for i in range(n_groups)]
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_plot_reads_the_originals_csv_log_by_its_header(tmp_path, n_groups):
+    from trainer.plot import plot_log
+    path = tmp_path / "old-20240101_120000.csv"
+    ema, lrs = original_csv(path, n_groups)
+    fig = plot_log(path, tmp_path / "old.png")
+    loss_ax, lr_ax = fig.axes
+    assert [(line.get_label(), list(line.get_ydata())) for line in loss_ax.lines] == [("Loss (smoothed)", ema)]
+    assert [(line.get_label(), list(line.get_ydata())) for line in lr_ax.lines] == [
+        (f"Learning Rate {i + 1}", lrs[i]) for i in range(n_groups)]
+    assert (tmp_path / "old.png").stat().st_size > 0
+
+
+def test_plot_still_reads_our_csv_log(tmp_path):
+    from trainer.plot import plot_log
+    path = tmp_path / "ours.csv"
+    path.write_text("mode,LoRA\nStep,Loss,Loss (smoothed),Learning Rate 1\n1,0.5,0.5,0.001\n2,0.3,0.48,0.0009\n")
+    loss_ax, lr_ax = plot_log(path).axes
+    assert [(line.get_label(), list(line.get_ydata())) for line in loss_ax.lines] == [
+        ("Loss", [0.5, 0.3]), ("Loss (smoothed)", [0.5, 0.48])]
+    assert [list(line.get_ydata()) for line in lr_ax.lines] == [[0.001, 0.0009]]

@@ -26,9 +26,10 @@ def read_log(path: Path | str) -> tuple[dict[str, str], list[str], list[list[flo
                 if not columns:
                     if rec[0] == "Step":
                         columns = rec
-                        if len(columns) < 3:
-                            raise PlotError(f"{path}: line {line_no}: the Step row has {len(columns)} columns; "
-                                            f"a TrainTrain log has Step, Loss, smoothed loss and learning rates")
+                        if len(columns) < 3 or columns[1] != "Loss":
+                            raise PlotError(f"{path}: line {line_no}: the Step row has {len(columns)} columns "
+                                            f"({', '.join(c[:20] for c in columns[:4])}); a TrainTrain log has "
+                                            f"Step, Loss, (smoothed loss,) and learning rates")
                     elif len(rec) >= 2:
                         header[rec[0]] = rec[1]
                     continue
@@ -54,6 +55,17 @@ def read_log(path: Path | str) -> tuple[dict[str, str], list[str], list[list[flo
     if not columns:
         raise PlotError(f"{path}: not a TrainTrain log (no 'Step' row)")
     return header, columns, rows
+
+
+def log_columns(columns: list[str]) -> tuple[int | None, int, list[int]]:
+    """(raw loss column or None, smoothed loss column, learning-rate columns), read from the header.
+
+    Two layouts: ours ``Step, Loss, Loss (smoothed), Learning Rate 1…k`` (raw, then smoothed) and the
+    original TrainTrain's ``Step, Loss, Learning Rate 1…k``, whose "Loss" is already the smoothed
+    (EMA) loss; reading by position would draw its first learning rate as the smoothed loss."""
+    if len(columns) > 2 and columns[2].startswith("Loss"):
+        return 1, 2, list(range(3, len(columns)))
+    return None, 1, list(range(2, len(columns)))
 
 
 def _is_number(x: str) -> bool:
@@ -86,14 +98,18 @@ def plot_log(csv_path: Path | str, png_path: Path | str | None = None, warn=None
     ax = fig.add_subplot(1, 1, 1)
     rows = [r for r in rows if math.isfinite(r[0])]  # a row without a usable step has no place
     steps = [r[0] for r in rows]
+    raw, smooth, lrs = log_columns(columns)
     if rows:
-        ax.plot(steps, _finite([r[1] for r in rows]), color="#f4a4a4", linewidth=0.8, label=columns[1])
-        ax.plot(steps, _finite([r[2] for r in rows]), color="#c00000", linewidth=1.8, label=columns[2])
+        if raw is not None:
+            ax.plot(steps, _finite([r[raw] for r in rows]), color="#f4a4a4", linewidth=0.8, label=columns[raw])
+        ax.plot(steps, _finite([r[smooth] for r in rows]), color="#c00000", linewidth=1.8,
+                label=columns[smooth] if raw is not None else "Loss (smoothed)")
     ax.set_xlabel("Step")
     ax.set_ylabel("Loss")
     ax.grid(True, alpha=0.3)
     lr_ax = ax.twinx()
-    for i, name in enumerate(columns[3:], start=3):
+    for i in lrs:
+        name = columns[i]
         lr_ax.plot(steps, _finite([r[i] for r in rows]), linestyle="--", label=name)
     lr_ax.set_ylabel("Learning rate")
     lines = ax.get_legend_handles_labels()
