@@ -135,7 +135,7 @@ def test_choice_lists():
     assert 0 not in C.IMAGE_BUCKET_STEPS and C.IMAGE_BUCKET_STEPS == tuple(range(64, 577, 64))
     assert C.NETWORK_RANKS[0] == 4 and C.NETWORK_RANKS[-1] == 1024
     assert C.NETWORK_ALPHAS[0] == 0.03125 and C.NETWORK_ALPHAS[-1] == 1024
-    assert C.MODEL_PRECISIONS == ("model", "fp32", "bf16", "fp16", "int8")
+    assert C.MODEL_PRECISIONS == ("model", "fp32", "bf16", "fp16")  # int8 is refused with a reason
     assert C.SAVE_PRECISIONS == ("model", "fp32", "bf16", "fp16")
     assert C.LORA_PRECISIONS == C.VAE_PRECISIONS == ("fp32", "bf16", "fp16")
 

@@ -274,3 +274,19 @@ def test_plot_still_reads_our_csv_log(tmp_path):
     assert [(line.get_label(), list(line.get_ydata())) for line in loss_ax.lines] == [
         ("Loss", [0.5, 0.3]), ("Loss (smoothed)", [0.5, 0.48])]
     assert [list(line.get_ydata()) for line in lr_ax.lines] == [[0.001, 0.0009]]
+
+
+# -- presets and saved JSONs ----------------------------------------------------------------------
+
+def test_int8_model_precision_is_not_offered_and_a_json_carrying_it_says_why(tmp_path):
+    import json
+    from trainer.config import SETTINGS_BY_NAME, SettingError
+    row = SETTINGS_BY_NAME["train_model_precision"]
+    assert "int8" not in row.choices  # no listed value may always fail
+    assert "as stored in the file" not in row.help_en  # "model" is fp16, as in the original
+    path = tmp_path / "old.json"  # a settings JSON the original saved with int8 chosen
+    path.write_text(json.dumps({"mode": "LoRA", "train_model_precision": "int8"}))
+    with pytest.raises(SettingError) as e:
+        Config.load_preset(path)
+    msg = str(e.value)
+    assert "train_model_precision" in msg and "'int8'" in msg and "not implemented" in msg and "fp16" in msg

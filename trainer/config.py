@@ -75,7 +75,7 @@ LR_SCHEDULERS: tuple[str, ...] = (
     "piecewise_constant",
 )
 LOSS_FUNCTIONS: tuple[str, ...] = ("MSE", "L1", "Smooth-L1")
-MODEL_PRECISIONS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16", "int8")
+MODEL_PRECISIONS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16")  # no int8: see _parse_model_precision
 LORA_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 SAVE_PRECISIONS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16")
 VAE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -472,6 +472,19 @@ def _match_choice(s: Setting, value: str) -> str:
 
 
 # -- special parsers ----------------------------------------------------------------------------
+
+def _parse_model_precision(s: Setting, raw: Any) -> str:
+    """The original offered int8 (torchao weight-only); here it could only ever fail, so it is not
+    listed, and a preset or saved JSON that carries it is told why rather than "not a choice"."""
+    if isinstance(raw, str) and raw.strip().casefold() == "int8":
+        raise SettingError(
+            f"{s.name}: 'int8' is not offered here: 8-bit frozen weights (the original used torchao) are not "
+            f"implemented in this trainer, so every int8 run would fail; use fp16 or bf16 (bf16 halves the "
+            f"model's memory too) (allowed: {s.allowed()})", setting=s.name, value=raw)
+    if not isinstance(raw, str):
+        raise s.error(raw, "is not text")
+    return _match_choice(s, raw.strip())
+
 
 def _parse_image_size(s: Setting, raw: Any) -> tuple[int, int]:
     if isinstance(raw, (list, tuple)):
@@ -901,10 +914,13 @@ ORIGINAL_SETTINGS: tuple[Setting, ...] = (
          "画像のマスク(アルファチャンネル)や差分のある領域だけで損失を計算します。"),
     # ---- precisions ----
     _row("train_model_precision", "dropdown", str, "fp16", _EVERY,
-         "Precision of the frozen model weights: fp16 is fine; bf16 on recent GPUs; int8 = 8-bit weights; "
-         "model = as stored in the file.",
-         "学習対象以外(モデル本体)の精度。fp16で問題ありません。int8は8bit重み、modelはファイルのまま。",
-         choices=MODEL_PRECISIONS),
+         "Precision of the frozen model weights: fp16 is fine; bf16 on recent GPUs; fp32 for exactness; "
+         "model = fp16, as in the original (not the file's own dtype). On a CPU fp16 runs as bf16 where the "
+         "CPU has bf16 instructions, else as fp32.",
+         "学習対象以外(モデル本体)の精度。fp16で問題ありません。bf16は新しいGPU向け、fp32は厳密な計算用。"
+         "modelは元の拡張と同じくfp16です(ファイルの精度ではありません)。CPUではfp16はbf16命令があればbf16、"
+         "なければfp32で動きます。",
+         choices=MODEL_PRECISIONS, parser=_parse_model_precision),
     _row("train_lora_precision", "dropdown", str, "fp32", _EVERY,
          "Precision of the trained LoRA weights (fp32 recommended).",
          "学習対象(LoRA)の精度。fp32で問題ありません。", choices=LORA_PRECISIONS),
