@@ -624,3 +624,13 @@ def test_the_tab_refuses_a_job_whose_lora_folder_is_a_file_before_loading(data, 
     assert q.start() and q.wait(60)
     job = q.jobs()[0]
     assert job.status == FAILED and str(tmp_path / "loras") in job.message and "not a folder" in job.message
+
+
+def test_the_cli_prints_out_of_memory_advice_once(data, tmp_path, monkeypatch, capsys):
+    def loss(self, step):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(LoRAMode, "loss", loss)
+    code = cli_in_process("--data", data, "--workdir", tmp_path, *CLI_SMALL)
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("Out of memory") == 1, err  # before: logged, then again as the result

@@ -12,9 +12,9 @@ from pathlib import Path
 class ProgressPrinter:
     """One updating line on a terminal (a line per update elsewhere, throttled)."""
 
-    def __init__(self, stream=sys.stderr, every_s: float = 0.5):
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None, every_s: float = 0.5):
+        self.stream = stream or sys.stderr  # the stderr of now, not of the import (tests swap it)
+        self.tty = self.stream.isatty()
         self.every_s = every_s if self.tty else 5.0
         self._last = 0.0
 

@@ -204,9 +204,10 @@ def _folder_problem(folder: Path) -> str | None:
         _write_probe(folder)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = ""
             with contextlib.suppress(OSError):
-                return f"is on a full disk ({shutil.disk_usage(folder).free // 1024} KB free): free some space or choose another folder"
-            return "is on a full disk: free some space or choose another folder"
+                free = f" ({shutil.disk_usage(folder).free // 1024} KB free)"
+            return f"is on a full disk{free}: free some space or choose another folder"
         return f"is not writable ({e.strerror or e})"
     return None
 
