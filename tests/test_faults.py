@@ -634,3 +634,22 @@ def test_the_cli_prints_out_of_memory_advice_once(data, tmp_path, monkeypatch, c
     code = cli_in_process("--data", data, "--workdir", tmp_path, *CLI_SMALL)
     err = capsys.readouterr().err
     assert code == 1 and err.count("Out of memory") == 1, err  # before: logged, then again as the result
+
+
+def test_stop_while_reading_the_images_ends_the_reading(data, tmp_path, components, monkeypatch):
+    from trainer.data import dataset
+
+    real, read = dataset.load_image, []
+
+    def load_image(path, **kw):
+        read.append(path)
+        holder["run"].stop()  # pressed while the first image is read (thousands take minutes)
+        return real(path, **kw)
+
+    monkeypatch.setattr(dataset, "load_image", load_image)
+    holder = {}
+    run = TrainingRun(make_cfg(data), components, OutputPaths.under(tmp_path), log=lambda m: None,
+                      device=torch.device("cpu"))
+    holder["run"] = run
+    result = run.run(LoRAMode())
+    assert result.stopped and "nothing was saved" in result.message and len(read) == 1

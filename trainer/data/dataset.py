@@ -69,8 +69,10 @@ def build_samples(
     trigger: str = "",
     use_filename_as_tag: bool = False,
     warn: Warn = _log_warning,
+    check_stop: Callable[[], None] | None = None,
 ) -> list[Sample]:
-    """All training samples of ``directory`` (see module docstring)."""
+    """All training samples of ``directory`` (see module docstring). ``check_stop`` is called before
+    each image (reading thousands takes minutes): it raises to end the reading when Stop was pressed."""
     if int(num_multiply) != num_multiply or num_multiply < 1:
         raise DataError(f"image_num_multiply must be a whole number >= 1, got {num_multiply!r}.")
     if int(sub_image_num) != sub_image_num or sub_image_num < 0:
@@ -89,6 +91,8 @@ def build_samples(
     samples: list[Sample] = []
     unreadable = too_small = 0
     for path in paths:
+        if check_stop is not None:
+            check_stop()
         try:
             image = load_image(path, max_side=largest_side)
             caption = caption_for(path, trigger, use_filename_as_tag, warn=warn)

@@ -33,7 +33,8 @@ class LoRAMode:
             cfg.lora_data_directory, image_size=cfg.image_size, buckets_step=cfg.image_buckets_step,
             min_length=cfg.image_min_length, max_ratio=cfg.image_max_ratio, num_multiply=cfg.image_num_multiply,
             sub_image_num=cfg.sub_image_num, mirroring=cfg.image_mirroring, disable_upscale=cfg.image_disable_upscale,
-            trigger=cfg.lora_trigger_word, use_filename_as_tag=cfg.image_use_filename_as_tag, warn=run.log)
+            trigger=cfg.lora_trigger_word, use_filename_as_tag=cfg.image_use_filename_as_tag, warn=run.log,
+            check_stop=run.check_stop)
         run.check_stop()
         run.progress(phase="prepare", message=f"Encoding {len(samples)} images")
         cache_dir = run.paths.cache_dir if getattr(cfg, "latent_cache_on_disk", True) else None
