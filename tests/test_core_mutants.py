@@ -145,3 +145,42 @@ def test_loha_adapters_live_on_the_device_of_their_module():
     conv = torch.nn.Conv2d(4, 4, 3, padding=1, device="meta")
     assert all(q.device.type == "meta" for q in LoHaModule("x", conv, 2).parameters())
     assert LoHaModule("x", torch.nn.Linear(4, 4), 2).multiplier == 1.0
+
+
+@pytest.mark.parametrize("algo", ["lierla", "c3lier", "loha"])
+def test_adapters_take_the_networks_dtype_and_their_modules_device(algo):
+    from trainer.networks.network import Network
+
+    c = tiny_components()
+    net = Network.create(c.unet, algo=algo, rank=2, alpha=1, dtype=torch.bfloat16)
+    assert {q.dtype for q in net.parameters()} == {torch.bfloat16}
+    meta = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Linear(4, 4)).to("meta")
+    from trainer.networks.modules import LoHaModule, LoRAModule
+
+    cls = LoHaModule if algo == "loha" else LoRAModule
+    for m in meta:
+        adapter = cls("x", m, 2, 1.0, dtype=torch.bfloat16)
+        assert {(q.device.type, q.dtype) for q in adapter.parameters()} == {("meta", torch.bfloat16)}
+        assert all(b.device.type == "meta" for b in adapter.buffers())
+
+
+def test_misuse_of_adapters_and_networks_is_named():
+    from trainer.networks.network import Network
+
+    c = tiny_components()
+    a = Network.create(c.unet, rank=2, alpha=1)
+    b = Network.create(c.unet, rank=2, alpha=1)
+    adapter = next(iter(a.adapters()))
+    with pytest.raises(RuntimeError, match="adapter is not applied"):
+        adapter(torch.zeros(1, *adapter.org_module.weight.shape[1:2]))
+    a.apply()
+    with pytest.raises(RuntimeError, match="adapter is already applied"):
+        adapter.apply_to()
+    b.apply()
+    with pytest.raises(RuntimeError, match="remove networks in reverse order of application"):
+        a.remove()
+    with pytest.raises(RuntimeError, match="remove adapters in reverse order of application"):
+        adapter.restore()
+    b.remove()
+    a.remove()
+    assert not a.applied and not b.applied
