@@ -233,6 +233,10 @@ def test_difference_loads_an_original_sdxl_copier(tmp_path, algo):
     assert result.ok, result.message
     n_unet = sum(1 for n in modules if n.startswith("lora_unet_"))
     assert any(f"Copier loaded from {path} ({n_unet} modules)" in m for m in said), said
+    n_te = sum(1 for n in modules if n.startswith("lora_te"))
+    assert [m for m in said if "skipped" in m and "text-encoder" in m] == [
+        f"diff_load_1st_pass: skipped {n_te} text-encoder module(s) of {path} (the prompt is encoded once, so "
+        "the copier's text encoder is not used)"], said
 
 
 # -- CSV logs -----------------------------------------------------------------------------------

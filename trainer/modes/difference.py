@@ -119,7 +119,9 @@ class DifferenceMode:
         tensors, _ = load_network_file(path)
         unet_only = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
         if len(unet_only) < len(tensors):
-            run.log(f"The copier's text-encoder tensors are not used (the prompt is encoded once): {path}")
+            n_te = len({k.partition(".")[0] for k in tensors if k.startswith("lora_te")})
+            run.log(f"diff_load_1st_pass: skipped {n_te} text-encoder module(s) of {path} (the prompt is "
+                    f"encoded once, so the copier's text encoder is not used)")
         if not unet_only:
             raise DataError(f"diff_load_1st_pass: {str(path)!r} has no U-Net tensors.")
         net = Network(run.components.unet, (), unet_key_style=run.unet_key_style, dtype=run.lora_dtype,
