@@ -294,3 +294,26 @@ def test_int8_model_precision_is_not_offered_and_a_json_carrying_it_says_why(tmp
         Config.load_preset(path)
     msg = str(e.value)
     assert "train_model_precision" in msg and "'int8'" in msg and "not implemented" in msg and "fp16" in msg
+
+
+# -- docs/DIFFERENCES.md --------------------------------------------------------------------------
+
+def test_differences_page_is_linked_and_names_only_real_settings():
+    """A user switching reads docs/DIFFERENCES.md from either README; every setting it tells them to
+    change must exist (a renamed setting would leave the page giving advice that fails)."""
+    import re
+    from pathlib import Path
+    from trainer.config import SETTINGS_BY_NAME
+    from trainer.optim import SCHEDULER_NAMES
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "DIFFERENCES.md").read_text(encoding="utf-8")
+    for readme in ("README.md", "README_ja.md"):
+        assert "(docs/DIFFERENCES.md)" in (root / readme).read_text(encoding="utf-8"), readme
+    words = {w for code in re.findall(r"`([^`]+)`", page) for w in re.split(r"[ =,]", code)
+             if re.fullmatch(r"[a-z]+(_[a-z0-9]+)+", w)}
+    not_settings = {"cycle_momentum", "max_lr", "time_ids", "hada_t1", "hada_t2"}  # scheduler args, tensors
+    unknown = {w for w in words - not_settings - set(SCHEDULER_NAMES)
+               if not w.startswith(("ss_", "lora_te"))} - set(SETTINGS_BY_NAME)
+    assert not unknown, unknown
+    assert {"train_lr_warmup_steps", "train_iterations", "lora_trigger_word", "caption_emphasis",
+            "network_resume", "diff_load_1st_pass", "train_model_precision"} <= words
