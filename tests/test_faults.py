@@ -321,7 +321,8 @@ def test_out_of_memory_in_the_middle_job_of_a_queue_of_three(data, tmp_path, mon
 
 # --- captions encoded in batches give what one at a time gives --------------------------------------
 
-def test_captions_encoded_in_batches_equal_one_at_a_time(components):
+@pytest.mark.parametrize("emphasis", [False, True], ids=["literal", "caption_emphasis"])
+def test_captions_encoded_in_batches_equal_one_at_a_time(components, emphasis):
     from types import SimpleNamespace
 
     from trainer.models.prompts import encode_prompts
@@ -329,11 +330,11 @@ def test_captions_encoded_in_batches_equal_one_at_a_time(components):
 
     run = SimpleNamespace(components=components, check_stop=lambda: None, autocast=lambda: torch.autocast("cpu", enabled=False))
     texts = ["", "a cat", "(a red:1.4) cat, [blue] sky", "word " * 100, "tree, " * 60, "x"]
-    got = encode_captions(run, texts, clip_skip=1, batch=2)
+    got = encode_captions(run, texts, clip_skip=1, batch=2, emphasis=emphasis)
     assert set(got) == set(texts)
     for text in texts:
         with torch.no_grad():
-            alone = encode_prompts(components, [text], clip_skip=1).hidden
+            alone = encode_prompts(components, [text], clip_skip=1, emphasis=emphasis).hidden
         assert got[text][0].shape == alone.shape and got[text][1] is None
         torch.testing.assert_close(got[text][0], alone, rtol=1e-5, atol=1e-5)
 
