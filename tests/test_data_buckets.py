@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from trainer.data.buckets import make_buckets, nearest_bucket, pick_sub_buckets, resize_and_crop
+from trainer.data.buckets import crop_box, crop_offset, make_buckets, nearest_bucket, pick_sub_buckets, resize_and_crop
 from trainer.data.errors import DataError
 
 # --- §7.2 worked examples ------------------------------------------------------------
@@ -206,3 +206,42 @@ def test_disable_upscale_refuses_small_images() -> None:
 def test_extreme_ratio_does_not_build_a_huge_intermediate() -> None:
     out = resize_and_crop(Image.new("RGB", (2, 4000), (9, 9, 9)), (512, 512), 1.0 - 2 / 4000, False)
     assert out is not None and out.size == (512, 512)
+
+
+@pytest.mark.parametrize("size,bucket,error,box", [
+    ((900, 300), (128, 128), -2.0, (300, 0, 600, 300)),  # wide: full height, centre
+    ((901, 300), (128, 128), -2.0, (300, 0, 600, 300)),  # odd margin: whole pixels, rounded down
+    ((300, 901), (256, 384), 0.3, (0, 225, 300, 675)),  # tall: full width, centre
+    ((128, 64), (64, 32), 0.0, (0, 0, 128, 64)),  # same ratio: the whole image
+    ((4000, 1), (64, 64), -3999.0, (1999, 0, 2000, 1)),  # a 1-pixel strip: at least 1 pixel kept
+    ((1, 4000), (64, 64), 0.99, (0, 1999, 1, 2000)),
+])
+def test_crop_box_is_the_centred_largest_box_of_the_bucket_ratio(size, bucket, error, box) -> None:
+    assert crop_box(size, bucket, error) == box
+    assert all(isinstance(v, int) for v in crop_box(size, bucket, error))
+
+
+def test_disable_upscale_allows_an_image_exactly_as_large_as_the_bucket() -> None:
+    assert crop_box((600, 128), (128, 128), -3.0, True) == (236, 0, 364, 128)
+    assert crop_box((128, 600), (128, 128), 0.5, True) == (0, 236, 128, 364)
+    assert crop_box((600, 127), (128, 128), -3.0, True) is None and crop_box((127, 600), (128, 128), 0.5, True) is None
+    assert crop_box((30, 20), (64, 64), -0.5) == (5, 0, 25, 20)  # upscaling is allowed unless disabled
+
+
+def test_crop_offset_is_in_bucket_pixels() -> None:
+    """SDXL's crop_coords_top_left: where the crop starts in the image resized to the bucket."""
+    assert crop_offset((900, 300), (128, 128), (300, 0, 600, 300)) == (128, 0)
+    assert crop_offset((300, 901), (256, 384), (0, 225, 300, 675)) == (0, 192)
+    assert crop_offset((4000, 1), (64, 64), (1999, 0, 2000, 1)) == (127936, 0)
+    assert crop_offset((1, 4000), (64, 64), (0, 1999, 1, 2000)) == (0, 127936)
+    assert crop_offset((64, 64), (64, 64), (0, 0, 64, 64)) == (0, 0)
+
+
+def test_equal_ratio_buckets_are_listed_largest_first_and_the_stated_bounds_are_accepted() -> None:
+    _, sub = make_buckets((512, 512), 64, 64, 2.0)
+    squares = [b for b in sub if b[0] == b[1]]
+    assert squares == sorted(squares, reverse=True) and len(squares) > 3
+    for a, b in zip(sub, sub[1:]):
+        assert a[0] / a[1] < b[0] / b[1] or a[0] * a[1] > b[0] * b[1]
+    # the errors say "positive whole numbers" and "whole number >= 1": 1 is allowed
+    assert make_buckets((1,), 0, 1, 1.0) == ([(1, 1)], [])
