@@ -92,26 +92,31 @@ def draw_columns(components, network, spec: GridSpec, *, zero_column: Optional[t
     """One [rows, 3, H, W] tensor per multiplier, with ``network`` (applied) at that multiplier.
     ``zero_column``: the images of multiplier 0 when already known (the model without the LoRA).
     ``cancelled()`` is asked between sampler calls; when true, :class:`Cancelled` is raised."""
-    rows = spec.rows
-    h, w = spec.size if spec.size else (None, None)
     columns = []
     for m in spec.multipliers:
         if m == 0 and zero_column is not None:
             columns.append(zero_column)
             continue
-        chunks = []
         with network.multiplier(float(m)):
-            for i in range(0, len(rows), BATCH):
-                if cancelled():
-                    raise Cancelled()
-                part = rows[i:i + BATCH]
-                chunks.append(generate(
-                    components, [p for p, _ in part], negative_prompt=spec.negative_prompt, steps=spec.steps,
-                    guidance=spec.cfg_scale, height=h, width=w, scheduler=spec.sampler, clip_skip=spec.clip_skip,
-                    zero_terminal_snr=spec.zero_terminal_snr, seeds=[s for _, s in part],
-                    v_prediction=spec.v_prediction))
-        columns.append(torch.cat(chunks))
+            columns.append(draw_rows(components, spec, cancelled=cancelled))
     return columns
+
+
+def draw_rows(components, spec: GridSpec, *, cancelled=lambda: False) -> torch.Tensor:
+    """[rows, 3, H, W]: one image per (prompt, seed) of ``spec`` on the model as it is now."""
+    rows = spec.rows
+    h, w = spec.size if spec.size else (None, None)
+    chunks = []
+    for i in range(0, len(rows), BATCH):
+        if cancelled():
+            raise Cancelled()
+        part = rows[i:i + BATCH]
+        chunks.append(generate(
+            components, [p for p, _ in part], negative_prompt=spec.negative_prompt, steps=spec.steps,
+            guidance=spec.cfg_scale, height=h, width=w, scheduler=spec.sampler, clip_skip=spec.clip_skip,
+            zero_terminal_snr=spec.zero_terminal_snr, seeds=[s for _, s in part],
+            v_prediction=spec.v_prediction))
+    return torch.cat(chunks)
 
 
 def _font(size: int = 12):
@@ -172,7 +177,7 @@ def _fmt_mult(m: float) -> str:
 
 
 def render_grid(columns: Sequence[torch.Tensor], rows: Sequence[tuple], multipliers: Sequence[float],
-                title: str = ""):
+                title: str = "", headers: Optional[Sequence[str]] = None):
     """A PIL image: a title line, one header per column (LoRA strength), one label per row (prompt,
     seed) and the images. Small images are enlarged (nearest neighbour) so the labels stay readable."""
     from PIL import Image, ImageDraw
@@ -193,7 +198,7 @@ def render_grid(columns: Sequence[torch.Tensor], rows: Sequence[tuple], multipli
     top = title_h + head_h
     for c, m in enumerate(multipliers):
         x = label_w + c * (tw + pad)
-        _text(draw, (x, title_h), f"strength {_fmt_mult(m)}", font)
+        _text(draw, (x, title_h), headers[c] if headers else f"strength {_fmt_mult(m)}", font)
     max_lines = max(1, (th - line_h) // line_h)
     for r, (prompt, seed) in enumerate(rows):
         y = top + r * (th + pad)
@@ -247,6 +252,29 @@ def strength_grid(components, network, spec: GridSpec, path: Path, title: str = 
         if applied_here:
             network.remove()
     return save_png(render_grid(columns, spec.rows, spec.multipliers, title), path, grid_info(spec, title=title))
+
+
+def prompt_preview(components, spec: GridSpec, path: Path, labels: Sequence[str], title: str = "") -> Path:
+    """What the model alone (no LoRA) draws for each prompt of ``spec``, one row per (prompt, seed):
+    iLECO's Generate Original / Target / All. ``labels``: one per prompt ("original", "target"),
+    written before it on its row, so the rows say which box they come from."""
+    images = draw_rows(components, spec)
+    rows = [(f"{label}: {p or '(empty prompt)'}", s) for p, label in zip(spec.prompts, labels) for s in spec.seeds]
+    grid = render_grid([images], rows, [0.0], title, headers=["model, no LoRA"])
+    return save_png(grid, path, grid_info(spec, title=title, labels=list(labels)))
+
+
+def sampling_device(components, device=None):
+    """Put ``components`` where sampling is fast: the device (fp16 on CUDA for the U-Net and text
+    encoders; the VAE in fp32, since half-precision SD VAEs can overflow to black images)."""
+    from .engine import PRECISIONS, pick_device, place
+
+    device = torch.device(device) if device is not None else pick_device()
+    dtype = PRECISIONS["fp16"] if device.type == "cuda" else PRECISIONS["fp32"]
+    for m in [components.unet, *components.text_encoders]:
+        place(m, device, dtype)
+    place(components.vae, device)
+    return device
 
 
 # ---------------------------------------------------------------- during training

@@ -18,6 +18,8 @@ import io
 import os
 import shutil
 import tempfile
+import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Sequence
@@ -117,6 +119,8 @@ class TrainTrainUI:
         weakref.finalize(self, shutil.rmtree, str(self._live_dir), True)
         self.blocks = None
         self.widgets: dict[str, Any] = {}
+        # held while a prompt preview or a Try it grid is drawn: one at a time, and no training meanwhile
+        self._drawing = threading.Lock()
 
     @staticmethod
     def _own_queue(host, paths) -> JobQueue:
@@ -279,8 +283,11 @@ class TrainTrainUI:
             return [f"Error: could not keep the input files ({e})"] + self.queue_view()
         ahead = [j for j in self.queue.jobs() if j.status in ACTIVE and j.id != job.id]
         if run:
-            started = self.queue.start()
-            if started and not ahead:
+            started = not self._drawing.locked() and self.queue.start()
+            if self._drawing.locked():  # two jobs on one device: the preview finishes first
+                msg = (f"A preview is being drawn on this device: {job.name} (job {job.id}) is queued; press "
+                       f"Run Queue when the preview shows")
+            elif started and not ahead:
                 msg = f"Started {job.name} (job {job.id}, {job.mode})"
             elif started:
                 msg = f"Started the queue; {job.name} (job {job.id}) runs after {len(ahead)} job(s) ahead of it"
@@ -301,6 +308,8 @@ class TrainTrainUI:
     def run_queue(self) -> list:
         if self.queue.busy:
             msg = "The queue is already running"
+        elif self._drawing.locked():
+            msg = "A preview is being drawn on this device: press Run Queue again when it shows"
         elif self.queue.start():
             msg = f"Running the queue ({len(self.queue.pending())} job(s))"
         else:
@@ -500,6 +509,137 @@ class TrainTrainUI:
         state["samples"] = key
         return [_upd(value=[(f, Path(f).stem) for f in key] if key else None), state]
 
+    # --- prompt previews (Generate Original / Target / All) and Try it ---------------------------
+    def preview_original(self, *values) -> list:
+        return self.preview("original", *values)
+
+    def preview_target(self, *values) -> list:
+        return self.preview("target", *values)
+
+    def preview_all(self, *values) -> list:
+        return self.preview("all", *values)
+
+    def preview(self, which: str, *values) -> list:
+        """Generate Original / Target / All -> [message, image]: what the chosen model alone draws for the
+        prompt boxes (same seeds for each, the sample_* settings), saved under samples/_previews/."""
+        try:
+            cfg, _ = self.config_from_values(values)
+        except SettingError as e:
+            return [f"Error: {e}", _no_change()]
+        if cfg.mode not in PROMPT_MODES:
+            return [f"Error: {cfg.mode} mode has no prompt boxes to preview (Generate Original / Target / All "
+                    f"are for {', '.join(PROMPT_MODES)})", _no_change()]
+        boxes = {"original": cfg.original_prompt, "target": cfg.target_prompt}
+        roles = list(boxes) if which == "all" else [which]
+        from .samples import GridSpec
+
+        spec = GridSpec(prompts=[boxes[r] for r in roles], multipliers=[0.0], seeds=list(cfg.sample_seed),
+                        negative_prompt=cfg.sample_negative_prompt or cfg.negative_prompt, steps=cfg.sample_steps,
+                        cfg_scale=cfg.sample_cfg_scale, sampler=cfg.sample_sampler,
+                        size=tuple(cfg.sample_size or cfg.image_size), clip_skip=cfg.clip_skip,
+                        zero_terminal_snr=cfg.model_zero_terminal_snr, v_prediction=cfg.model_v_pred or None)
+        model = self.host.model_label(cfg.model)
+        title = model  # one line over one column: the rest (sampler, steps, CFG) is in the message and the PNG
+        path = _fresh(self._sample_root() / "_previews" / f"{time.strftime('%Y%m%d_%H%M%S')}-{which}.png")
+
+        def draw(components, device):
+            from .samples import prompt_preview
+
+            return prompt_preview(components, spec, path, [f"{r.title()} prompt" for r in roles], title)
+
+        return self._draw(f"Generate {which.title()}", cfg, draw,
+                          f"seed {', '.join(map(str, spec.seeds))}, {spec.sampler} {spec.steps} steps, "
+                          f"CFG {spec.cfg_scale:g}")
+
+    def try_job(self, choice: str | None, prompts: str = "", multipliers: str = "", seeds: str = "") -> list:
+        """Try it -> [message, image]: a strength grid (multipliers x prompts x seeds) of a finished job's LoRA
+        on the job's model, saved under samples/<save_lora_name>/."""
+        if not choice:
+            return ["Error: Job: choose a finished job in the Job list, then press Try it", _no_change()]
+        try:
+            job = self.queue.get(int(str(choice).split(":", 1)[0]))
+        except (ValueError, QueueError):
+            return [f"Error: Job: {choice!r} is not in the queue (press Try it on a job of the list)", _no_change()]
+        if job.status != DONE:
+            return [f"Error: Try it needs a finished job: {job.name} (job {job.id}) is {job.status}", _no_change()]
+        cfg = job.config()
+        lora = _job_lora(job, cfg)
+        if lora is None:
+            return [f"Error: the LoRA of {job.name} (job {job.id}) is gone ({', '.join(job.files) or 'no file'})",
+                    _no_change()]
+        from .samples import GridSpec, config_multipliers
+
+        try:
+            spec = GridSpec(
+                prompts=_lines(prompts) or _default_prompts(cfg),
+                multipliers=list(_parse("Try it strengths", "sample_multipliers", multipliers)
+                                 or config_multipliers(cfg)),
+                seeds=list(_parse("Try it seeds", "sample_seed", seeds) or cfg.sample_seed),
+                negative_prompt=cfg.sample_negative_prompt, steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale,
+                sampler=cfg.sample_sampler, size=tuple(cfg.sample_size or cfg.image_size), clip_skip=cfg.clip_skip,
+                zero_terminal_snr=cfg.model_zero_terminal_snr, v_prediction=cfg.model_v_pred or None)
+        except SettingError as e:
+            return [f"Error: {e}", _no_change()]
+        title = f"{lora.name} on {self.job_model(job)}"  # one line: sampler, steps and CFG go in the message
+        path = _fresh(self._sample_root() / cfg.save_lora_name / f"{time.strftime('%Y%m%d_%H%M%S')}-tryit.png")
+
+        def draw(components, device):
+            import torch
+
+            from .networks.network import Network
+            from .samples import strength_grid
+
+            network = Network.from_file(lora, components.unet, components.text_encoders, dtype=torch.float32)
+            network.to(device)
+            return strength_grid(components, network, spec, path, title=title)
+
+        return self._draw("Try it", cfg, draw, f"{len(spec.rows)} x {len(spec.multipliers)} images, {spec.sampler} "
+                                               f"{spec.steps} steps, CFG {spec.cfg_scale:g}")
+
+    def _sample_root(self) -> Path:
+        paths = self.host.paths()
+        return Path(getattr(paths, "sample_dir", None) or Path(paths.log_dir).parent / "samples")
+
+    def _draw(self, what: str, cfg: Config, draw, detail: str = "") -> list:
+        """Load ``cfg``'s model through the host (inside the Web-UI: under its lock, as training does), run
+        ``draw(components, device)`` and show the PNG it saved. Refused while the queue trains: one device,
+        one job."""
+        running = self.queue.running
+        if self.queue.busy:
+            who = f"{running.name} (job {running.id})" if running else "the queue"
+            return [f"Error: {what} is not drawn while {who} trains on this device; press it again when the "
+                    f"queue is idle (Stop ends the job)", _no_change()]
+        if not self._drawing.acquire(blocking=False):
+            return [f"Error: {what}: another preview is being drawn; wait until it shows", _no_change()]
+        t0 = time.perf_counter()
+        try:
+            if self.queue.busy:  # started between the check above and the lock
+                return [f"Error: {what} is not drawn while the queue trains on this device", _no_change()]
+            log: list = []
+            with self.host.session(cfg, _DrawControl(log)) as components:
+                from .samples import sampling_device
+
+                device = sampling_device(components, getattr(self.host, "device", None))
+                path = draw(components, device)
+                components = None  # the host frees the model when the session ends
+        except (ValueError, OSError) as e:  # HostError, a LoRA that does not fit the model, a full disk
+            return [f"Error: {what}: {e}", _no_change()]
+        except RuntimeError as e:
+            from .engine import is_out_of_memory
+
+            if not is_out_of_memory(e):
+                raise
+            return [f"Error: {what}: out of memory; lower sample_size (now {cfg.sample_size or cfg.image_size}) "
+                    f"or the number of prompts and seeds", _no_change()]
+        finally:
+            self._drawing.release()
+        from PIL import Image
+
+        with Image.open(path) as img:  # the picture itself: the workdir is not served by the standalone app
+            picture = img.convert("RGB")
+        notes = "; ".join(filter(None, [detail, f"{time.perf_counter() - t0:.1f} s", *log]))
+        return [f"{what}: {path} ({notes})", _upd(value=picture)]
+
     # --- Plot tab ----------------------------------------------------------------------------
     def log_files(self) -> list[str]:
         """CSV logs under logs/ (only there: bug #20), newest first, relative to it."""
@@ -620,9 +760,21 @@ class TrainTrainUI:
                         w["job_choice"] = _make(gr.Dropdown, choices=self.queue_view()[1]["choices"], value=None,
                                                 label="Job", elem_id="tt_job_choice", scale=3)
                         w["job_delete"] = _make(gr.Button, "Delete", elem_id="tt_job_delete", size="sm")
+                        w["try_run"] = _make(gr.Button, "Try it", elem_id="tt_try_run", size="sm")
                     with gr.Row():
                         w["queue_run"] = _make(gr.Button, "Run Queue", elem_id="tt_queue_run", size="sm")
                         w["queue_clear"] = _make(gr.Button, "Clear finished", elem_id="tt_queue_clear", size="sm")
+                with _make(gr.Accordion, "Try it: the chosen finished job's LoRA at several strengths", open=False,
+                           elem_id="tt_try_acc"):
+                    w["try_prompts"] = _make(gr.Textbox, label="Try it prompts (one a line)", lines=2, max_lines=8,
+                                             elem_id="tt_try_prompts", placeholder="empty: the job's sample prompts")
+                    with gr.Row():
+                        w["try_multipliers"] = _make(gr.Textbox, label="Try it strengths", elem_id="tt_try_multipliers",
+                                                     placeholder="e.g. 0, 0.5, 1; empty: the job's sample_multipliers")
+                        w["try_seeds"] = _make(gr.Textbox, label="Try it seeds", elem_id="tt_try_seeds",
+                                               placeholder="e.g. 0, 1; empty: the job's sample_seed")
+                w["try_image"] = _make(gr.Image, label="Try it grid (rows: prompt x seed, columns: strength)",
+                                       type="pil", interactive=False, elem_id="tt_try_image")
         w["mode"] = _make(gr.Radio, choices=list(MODES), value=mode, label="Mode", elem_id="tt_mode")
         with gr.Row():
             w["model"] = _make(gr.Dropdown, choices=self.host.model_choices(), value=self.host.default_model(),
@@ -640,6 +792,13 @@ class TrainTrainUI:
                                            elem_id="tt_target_prompt")
                 w["negative_prompt"] = _make(gr.Textbox, label="Negative prompt", lines=2,
                                              elem_id="tt_negative_prompt")
+            # the original's buttons: see what each prompt gives on the model before training on it
+            with gr.Row(elem_id="tt_preview_row"):
+                w["gen_original"] = _make(gr.Button, "Generate Original", elem_id="tt_gen_original", size="sm")
+                w["gen_target"] = _make(gr.Button, "Generate Target", elem_id="tt_gen_target", size="sm")
+                w["gen_all"] = _make(gr.Button, "Generate All", elem_id="tt_gen_all", size="sm")
+            w["preview_image"] = _make(gr.Image, label="Prompt preview: the model alone, same seed (sample_* settings)",
+                                       type="pil", interactive=False, elem_id="tt_preview_image")
         with _make(gr.Column, visible=mode in PAIR_MODES, elem_id="tt_images") as w["image_group"]:
             with gr.Row():
                 # type="pil", not "filepath": Forge replaces gradio 4's save_pil_to_cache with a function
@@ -693,6 +852,11 @@ class TrainTrainUI:
         w["queue_run"].click(self.run_queue, inputs=None, outputs=queue_out)
         w["queue_clear"].click(self.clear_finished, inputs=None, outputs=queue_out)
         w["job_delete"].click(self.delete_job, inputs=[w["job_choice"]], outputs=queue_out)
+        w["try_run"].click(self.try_job, inputs=[w["job_choice"], w["try_prompts"], w["try_multipliers"],
+                                                 w["try_seeds"]], outputs=[w["message"], w["try_image"]])
+        for which in ("original", "target", "all"):
+            w[f"gen_{which}"].click(getattr(self, f"preview_{which}"), inputs=settings,
+                                    outputs=[w["message"], w["preview_image"]])
         w["preset_refresh"].click(self.refresh_presets, inputs=[w["preset"]], outputs=[w["preset"]])
         w["preset_load"].click(self.load_preset, inputs=[w["preset"]],
                                outputs=[w["message"]] + settings + visibility[-3:])
@@ -715,6 +879,68 @@ class TrainTrainUI:
                         **_quiet(blocks.load))
             blocks.load(self.sample_grids, inputs=[w["samples_state"]], outputs=[w["samples"], w["samples_state"]],
                         every=POLL_SECONDS, **_quiet(blocks.load))
+
+
+class _DrawControl:
+    """What host.session asks of a job's control, for a preview: its log lines are kept for the message."""
+
+    stop_requested = False
+
+    def __init__(self, lines: list):
+        self.lines = lines
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+    def progress(self, p) -> None:
+        pass
+
+
+def _fresh(path: Path) -> Path:
+    """``path``, or ``path`` with -2, -3 ... when a grid of the same second exists (never overwritten)."""
+    n, out = 1, path
+    while out.exists():
+        n += 1
+        out = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return out
+
+
+def _lines(text: str | None) -> list[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def _parse(label: str, setting: str, raw: str | None):
+    """A Try it box parsed like the setting it mirrors; empty = None. Errors name the box."""
+    from .config import get_setting
+
+    if not (raw or "").strip():
+        return None
+    try:
+        return get_setting(setting).parse(raw)
+    except SettingError as e:
+        raise SettingError(f"{label}{str(e)[len(setting):]}", setting=setting, value=raw) from None
+
+
+def _default_prompts(cfg: Config) -> list[str]:
+    """Try it's prompts when the box is empty: the job's sample_prompts, its mode's prompts, its trigger word."""
+    from .samples import config_prompts
+
+    if cfg.sample_prompts.strip():
+        return config_prompts(cfg)
+    try:
+        from .modes import mode_for
+
+        prompts = [p for p in mode_for(cfg.mode).sample_prompts(cfg) if p.strip()]
+    except (AttributeError, NotImplementedError):  # modes whose prompts come from data read while training
+        prompts = []
+    return list(dict.fromkeys(prompts))[:2] or [cfg.lora_trigger_word.strip()]
+
+
+def _job_lora(job, cfg: Config) -> Path | None:
+    """The LoRA a finished job saved: the file named save_lora_name (Difference also saves a copier)."""
+    files = [Path(f) for f in job.files if str(f).endswith(".safetensors") and Path(f).is_file()]
+    named = [f for f in files if f.stem == cfg.save_lora_name]
+    return (named or files or [None])[-1]
 
 
 def _unqueued(listener) -> dict:
