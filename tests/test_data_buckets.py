@@ -245,3 +245,43 @@ def test_equal_ratio_buckets_are_listed_largest_first_and_the_stated_bounds_are_
         assert a[0] / a[1] < b[0] / b[1] or a[0] * a[1] > b[0] * b[1]
     # the errors say "positive whole numbers" and "whole number >= 1": 1 is allowed
     assert make_buckets((1,), 0, 1, 1.0) == ([(1, 1)], [])
+
+
+def test_bucket_sides_are_whole_pixels_and_crop_offsets_use_each_axis() -> None:
+    for size in [(512, 512), (768, 512), (640, 896)]:
+        buckets, sub = make_buckets(size, 64, 192, 2.0)
+        assert all(type(v) is int for b in buckets + sub for v in b)
+    box = crop_box((900, 300), (192, 128), -2.0)
+    assert box == (225, 0, 675, 300) and crop_offset((900, 300), (192, 128), box) == (96, 0)
+
+
+def test_no_bucket_and_the_sub_bucket_penalty_are_as_documented() -> None:
+    with pytest.raises(DataError, match="There are no buckets to place images in; check image_size"):
+        nearest_bucket((64, 64), [])
+    # +1 per pick: the square (error 0 -> 1) wins again over a bucket 1.5 away
+    assert [b for b, _ in pick_sub_buckets((100, 100), [(64, 64), (160, 64)], 2)] == [(64, 64), (64, 64)]
+    assert [b for b, _ in pick_sub_buckets((100, 100), [(64, 64), (160, 64)], 1)] == [(64, 64)]
+    assert pick_sub_buckets((100, 100), [(64, 64)], 0) == []
+
+
+def test_resize_and_crop_scales_a_whole_image_with_lanczos() -> None:
+    small = _stripes(32, 32)
+    out = resize_and_crop(small, (64, 64), 0.0, False)  # no crop, but a different size: still resized
+    assert out.size == (64, 64)
+    assert np.array_equal(np.asarray(out), np.asarray(small.resize((64, 64), Image.LANCZOS)))
+    wide = _stripes(90, 30)
+    box = crop_box((90, 30), (64, 64), -2.0)
+    want = wide.resize((64, 64), Image.LANCZOS, box=box)
+    assert np.array_equal(np.asarray(resize_and_crop(wide, (64, 64), -2.0, False)), np.asarray(want))
+
+
+@pytest.mark.parametrize("args,max_buckets,sub_buckets", [
+    # 128x192 = 24576 px, step 128: width 192 (the long side itself) gives height 128, ratio 1.5 = the limit
+    (((128, 192), 128, 64, 1.5), [(128, 192), (128, 128), (192, 128)], [(64, 64)]),
+    # 64x192 = 12288 px: width 128 gives height 64 (12288 // 128 = 96, down to the step), ratio 2 = the limit
+    (((64, 192), 64, 64, 2.0), [(64, 128), (64, 64), (128, 64)], []),
+    # sub buckets may use the long side and exactly the whole pixel budget: 64 x 192 = 12288
+    (((64, 192), 128, 64, 4.0), [(64, 128), (64, 64), (128, 64)], [(64, 192), (192, 64)]),
+])
+def test_bucket_limits_are_inclusive(args, max_buckets, sub_buckets) -> None:
+    assert make_buckets(*args) == (max_buckets, sub_buckets)
