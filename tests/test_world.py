@@ -69,7 +69,8 @@ def test_the_shipped_model_is_what_the_building_code_builds(world_model):
     old, new = json.loads(stored["world.sources"]), json.loads(now["world.sources"])
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     assert not changed, f"the build's code changed since the file was built: {changed}; rebuild the file " \
-                        "(python tests/world.py build), or restamp it if the change cannot alter the weights"
+                        "(python tests/world.py build), or restamp it if the change cannot alter the weights " \
+                        "(python tests/world.py restamp; see tests/world.py)"
     assert world_model.name == stored["traintrain.name"] == world.world_name()
 
 
