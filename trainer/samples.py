@@ -452,7 +452,7 @@ def sample_command(args) -> int:
     """``python -m trainer sample``: load the model and the LoRA, draw, save, print the PNG's path."""
     import sys
 
-    from .engine import PRECISIONS, pick_device, place
+    from .engine import pick_device
     from .host.standalone import load_components
     from .networks.files import load_network_file
     from .networks.network import Network
@@ -464,14 +464,11 @@ def sample_command(args) -> int:
         spec = spec_from_args(args, (metadata.get("modelspec.trigger_phrase") or "").strip(), v_pred)
         components = load_components(args.model or None, args.vae or None, model_dir=args.model_dir, v_pred=v_pred)
         device = pick_device()
-        dtype = PRECISIONS["fp16"] if device.type == "cuda" else PRECISIONS["fp32"]
         network = Network.from_file(args.lora, components.unet, components.text_encoders, dtype=torch.float32)
     except (ValueError, OSError) as e:  # HostError, SampleArgsError, a file that is no LoRA or does not fit
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for m in [components.unet, *components.text_encoders]:
-        place(m, device, dtype)
-    place(components.vae, device)  # fp32: half-precision SD VAEs can overflow to black images
+    sampling_device(components, device)
     network.to(device)
     out = args.out or Path(args.workdir) / "samples" / Path(args.lora).stem / \
         f"{time.strftime('%Y%m%d_%H%M%S')}-strength.png"
