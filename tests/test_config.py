@@ -106,7 +106,7 @@ def test_additions_are_marked_and_at_the_end():
     assert set(added) == {"caption_emphasis", "clip_skip", "leco_objective", "leco_guidance_scale", "model_zero_terminal_snr",
                           "train_max_grad_norm", "latent_cache_on_disk", "sample_every_n_steps", "sample_prompts",
                           "sample_negative_prompt", "sample_multipliers", "sample_seed", "sample_steps",
-                          "sample_cfg_scale", "sample_sampler", "sample_size"}
+                          "sample_cfg_scale", "sample_sampler", "sample_size", "diff_timestep_schedule"}
     assert all(s.addition for s in added.values())
     assert SETTINGS[59:] == C.ADDED_SETTINGS
     assert added["clip_skip"].default == 1
@@ -115,6 +115,9 @@ def test_additions_are_marked_and_at_the_end():
     assert added["model_zero_terminal_snr"].default is False
     assert added["train_max_grad_norm"].default == 0.0
     assert added["latent_cache_on_disk"].default is True
+    # the original's ADDifT timestep cycle by default: files it wrote have no such row
+    assert added["diff_timestep_schedule"].default == "cycle"
+    assert added["diff_timestep_schedule"].choices == ("cycle", "uniform")
 
 
 def test_names_unique_and_widgets_known():
@@ -451,10 +454,14 @@ def test_shipped_preset(name):
     # round trip, and the file is exactly what save_preset writes
     assert Config.from_dict(cfg.to_dict()) == cfg
     # the file is exactly what save_preset writes, less the rows it predates (absent = samples off,
-    # captions literal)
+    # captions literal, ADDifT's timestep cycle, which the ADDifT presets write out)
+    if name.startswith("ADDifT"):
+        assert cfg.diff_timestep_schedule == "cycle"  # the original's, which they were tuned on
+    predates = {"caption_emphasis"} | (set() if name.startswith("ADDifT") else {"diff_timestep_schedule"})
+
     def predating(d):
         return {k: predating(v) if isinstance(v, dict) and k == "2nd pass" else v for k, v in d.items()
-                if not k.startswith("sample_") and k != "caption_emphasis"}
+                if not k.startswith("sample_") and k not in predates}
 
     written = predating(cfg.to_dict())
     assert all(cfg.values[k] == C.SETTINGS_BY_NAME[k].default for k in cfg.values if k.startswith("sample_"))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from trainer.models.tiny import tiny_components
-from trainer.modes.addift import ADDifTMode, MultiADDifTMode
+from trainer.modes.addift import ADDifTMode, MultiADDifTMode, cycle_timestep
 from trainer.networks.files import load_network_file
 
 from _modes_helpers import PRESETS, SMALL_ARGS, cli, config, draw, train
@@ -48,13 +48,14 @@ class Recorder(ADDifTMode):
 def test_multipliers_alternate_and_timesteps_span_the_range(images, tmp_path, components):
     red, blue = images
     cfg = config("ADDifT_Action_SD1.5.json", original_image=red, target_image=blue, diff_alt_ratio=0.5,
-                 train_iterations=12, train_batch_size=4, train_min_timesteps=200, train_max_timesteps=400)
+                 train_iterations=12, train_batch_size=4, train_min_timesteps=200, train_max_timesteps=400,
+                 diff_timestep_schedule="uniform")
     mode = Recorder()
     _, result, _ = train(cfg, tmp_path, mode, components)
     assert result.ok, result.message
     assert [m for _, m, _ in mode.trace] == [0.25, -0.125] * 6
     ts = [t for _, _, step_ts in mode.trace for t in step_ts.tolist()]
-    # bug #9: the original cycled through 5 values and never used the minimum; here 48 uniform draws
+    # uniform: 48 draws over the whole range (the original's cycle never used the minimum)
     assert all(200 <= t < 400 for t in ts) and min(ts) < 240 and max(ts) > 360 and len(set(ts)) > 30
     # each step: the frozen branch (multiplier 0) then the LoRA branch, same t, same noise
     frozen, lora = mode.inputs[0::2], mode.inputs[1::2]
@@ -141,3 +142,41 @@ def test_multi_addift_conditions_both_branches_on_each_pairs_caption(pair_folder
     assert not torch.equal(*captions.values())
     for cond_o, cond_g in seen:
         assert cond_o is cond_g and any(torch.equal(cond_o, h) for h in captions.values())
+
+
+@pytest.mark.parametrize("lo, hi, expected", [
+    (500, 1000, [550, 650, 750, 850, 950]),   # the Action presets (spec §3.4)
+    (200, 400, [220, 260, 300, 340, 380]),    # the Style presets
+    (0, 1000, [100, 300, 500, 700, 900]),
+    (500, 999, [549, 649, 749, 849, 949]),    # (hi - lo)*k/10 rounded down, as the original's int()
+    (998, 1000, [998, 998, 999, 999, 999]),   # never 1000: the cycle stays below the maximum
+])
+def test_cycle_schedule_is_the_originals_sequence_one_value_per_pair(lo, hi, expected):
+    ts = [cycle_timestep(step, lo, hi) for step in range(1, 23)]
+    assert ts == [t for t in expected for _ in (0, 1)] * 2 + [expected[0]] * 2
+
+
+def test_presets_train_on_the_cycle_each_pm_pair_sharing_its_t(images, tmp_path, components):
+    """A preset without the row (every ADDifT file the original wrote) gets the original's cycle: steps
+    1..12 at 550, 550, 650, 650, ..., 950, 950, 550, 550; both branches of a step and every image of
+    the batch use it."""
+    red, blue = images
+    cfg = config("ADDifT_Action_SD1.5.json", original_image=red, target_image=blue, train_iterations=12,
+                 train_batch_size=2)
+    assert cfg.diff_timestep_schedule == "cycle"
+    mode = Recorder()
+    _, result, _ = train(cfg, tmp_path, mode, components)
+    assert result.ok, result.message
+    assert [(m, t.tolist()) for _, m, t in mode.trace] == [
+        (s, [t, t]) for t in (550, 650, 750, 850, 950, 550) for s in (0.25, -0.25)]
+    frozen, lora = mode.inputs[0::2], mode.inputs[1::2]
+    assert [f[2].tolist() for f in frozen] == [x[2].tolist() for x in lora] == [t.tolist() for _, _, t in mode.trace]
+
+
+def test_multi_addift_uses_the_same_cycle(pair_folder, tmp_path, components):
+    cfg = config(None, "Multi-ADDifT", lora_data_directory=str(pair_folder), diff_target_name="_blue",
+                 train_iterations=4, train_min_timesteps=200, train_max_timesteps=400)
+    mode = MultiADDifTMode()
+    _, result, _ = train(cfg, tmp_path, mode, components)
+    assert result.ok, result.message
+    assert [int(t[0]) for _, _, t in mode.trace] == [220, 220, 260, 260]

@@ -31,6 +31,7 @@ __all__ = [
     "NETWORK_CONV_RANKS", "NETWORK_CONV_ALPHAS", "NETWORK_ELEMENTS", "IMAGE_BUCKET_STEPS",
     "OPTIMIZERS", "SCHEDULE_FREE_OPTIMIZERS", "LR_SCHEDULERS", "LOSS_FUNCTIONS",
     "MODEL_PRECISIONS", "LORA_PRECISIONS", "SAVE_PRECISIONS", "VAE_PRECISIONS", "LECO_OBJECTIVES", "SAMPLE_SAMPLERS",
+    "DIFF_TIMESTEP_SCHEDULES",
     "Setting", "SettingError", "SETTINGS", "ORIGINAL_SETTINGS", "ADDED_SETTINGS", "SETTINGS_BY_NAME",
     "get_setting", "settings_for_mode", "parse_kwargs_string", "format_kwargs_string",
     "Config", "load_preset", "save_preset", "describe_settings", "add_arguments", "apply_args",
@@ -81,6 +82,8 @@ SAVE_PRECISIONS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16")
 VAE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 #: iLECO objective (addition): the original's fast iLECO, or the full LECO erase / enhance objective.
 LECO_OBJECTIVES: tuple[str, ...] = ("iLECO", "erase", "enhance")
+#: ADDifT timestep schedules: the original's fixed cycle of 5 values, or uniform draws (trainer.modes.addift).
+DIFF_TIMESTEP_SCHEDULES: tuple[str, ...] = ("cycle", "uniform")
 
 WIDGETS = frozenset({"dropdown", "text", "checkbox", "checkgroup", "radio"})
 MAX_TIMESTEPS = 1000
@@ -1034,6 +1037,16 @@ ADDED_SETTINGS: tuple[Setting, ...] = (
          "サンプルの大きさ(ピクセル): 「512」または「高さ,幅」(8の倍数)。空欄なら学習の解像度。",
          parser=_parse_sample_size, formatter=_format_sample_size, allow_empty=True, empty_value=None,
          addition=True),
+    # cycle is the default so every ADDifT file made by the original (the shipped presets, its users'
+    # saved JSONs, none of which has this row) trains as it did there; its presets were tuned on it
+    _row("diff_timestep_schedule", "radio", str, "cycle", "A,M",
+         "ADDifT timesteps. cycle (the original's): 5 fixed values min + (max-min)*k/10 for k = 1, 3, 5, 7, 9 "
+         "(550, 650, 750, 850, 950 for 500-1000), in turn, each for one +/- pair of steps. uniform: a random "
+         "timestep in [min, max) every step, shared by the +/- branches of that step.",
+         "ADDifTのタイムステップ。cycle(元の拡張と同じ): 最小値 + (最大値-最小値)×k/10(k = 1, 3, 5, 7, 9)の"
+         "5つの固定値を順に使い、それぞれを+/-の2ステップで共有します(500〜1000なら550, 650, 750, 850, 950)。"
+         "uniform: 毎ステップ[最小値, 最大値)から一様にランダムに選びます(そのステップの+/-両方で共通)。",
+         choices=DIFF_TIMESTEP_SCHEDULES, addition=True),
 )
 
 #: Every setting: the 59 original rows in their order, then the additions.

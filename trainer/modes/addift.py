@@ -1,9 +1,10 @@
 """ADDifT and Multi-ADDifT (spec §3.4, §3.5): learn the difference between an original and a target
 image directly, as a slider trained at multipliers +0.25 and -0.25*|r|.
 
-Each step draws one noise eps and timesteps t ~ U[train_min_timesteps, train_max_timesteps) (really
-uniform over the range: the original cycled through 5 fixed values, spec bug #9), shared by both
-branches. With x_o, x_g the original and target latents, c_o, c_g their conditionings,
+Each step draws one noise eps and one timestep t, shared by both branches. ``diff_timestep_schedule``:
+cycle (the default, the original's; its presets were tuned on it): t = lo + (hi - lo)*k/10 for
+k = 1, 3, 5, 7, 9 in turn, each value for one +/- pair of steps (``cycle_timestep``); uniform:
+t ~ U[lo, hi) every step, one per image. lo, hi = train_min_timesteps, train_max_timesteps. With x_o, x_g the original and target latents, c_o, c_g their conditionings,
 eps(x, t, c) the frozen U-Net and eps_{sD} the U-Net with the LoRA at multiplier s:
 - odd steps (1, 3, ...), s = +0.25:          a = add_noise(x_o, eps, t), b = add_noise(x_g, eps, t)
 - even steps (2, 4, ...), s = -0.25*|r|:     a = add_noise(x_g, eps, t), b = add_noise(x_o, eps, t)
@@ -44,6 +45,15 @@ from .difference import encode_pair, find_lora_file
 TRAIN_MULTIPLIER = 0.25
 
 
+def cycle_timestep(step: int, lo: int, hi: int) -> int:
+    """The original's ADDifT timestep at ``step`` (1-based): the pair of steps (1, 2), (3, 4), ... number p
+    uses lo + (hi - lo)*k/10, k = 1, 3, 5, 7, 9 for p = 0..4, then again. Whole-number arithmetic, so
+    (hi - lo)*k/10 rounds down exactly as the original's int(); it stays in [lo, hi), hence below 1000,
+    so the original's clamp to 999 never acts."""
+    k = 2 * (((step - 1) // 2) % 5) + 1
+    return lo + (hi - lo) * k // 10
+
+
 def latent_alpha(mask: torch.Tensor | None, factor: int = 8) -> torch.Tensor | None:
     """[1,H,W] pixel alpha mask -> [1,H/f,W/f] (a latent pixel counts when most of it is opaque)."""
     if mask is None:
@@ -82,7 +92,11 @@ class _ADDifTObjective:
         run, cfg = self.run, self.cfg
         positive = self.ratio == 0 or step % 2 == 1
         noise = run.randn(x_o.shape)
-        t = run.timesteps(x_o.shape[0], cfg)
+        if cfg.diff_timestep_schedule == "cycle":  # one t for the whole batch, as in the original
+            t = run.to_device(torch.full((x_o.shape[0],), cycle_timestep(step, cfg.train_min_timesteps,
+                                                                         cfg.train_max_timesteps), dtype=torch.long))
+        else:
+            t = run.timesteps(x_o.shape[0], cfg)
         if positive:
             mult, a0, b0 = TRAIN_MULTIPLIER, x_o, x_g
         else:
