@@ -176,3 +176,19 @@ def test_inside_the_webui_a_preview_holds_it_like_training(webui, tmp_path, monk
     assert read_grid_info(path)["rows"] == [["a cat", 3], ["", 3]]
     assert seen == [(True, "cpu")]  # drawn under the Web-UI's lock, its model off the device
     assert shared.sd_model.placement == "device" and not call_queue.queue_lock.locked()
+
+
+def test_the_buttons_sit_with_the_prompt_boxes_and_try_it_with_the_job_list(ui):
+    def inside(block):
+        yield block
+        for child in getattr(block, "children", None) or []:
+            yield from inside(child)
+
+    w = ui.widgets
+    prompts = list(inside(w["prompt_group"]))
+    assert [w[k].value for k in ("gen_original", "gen_target", "gen_all")] == \
+        ["Generate Original", "Generate Target", "Generate All"]
+    assert all(w[k] in prompts for k in ("gen_original", "gen_target", "gen_all", "preview_image"))
+    shown = {m: ui.change_mode(m)[-2]["visible"] for m in ("LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT")}
+    assert shown == {"LoRA": False, "iLECO": True, "Difference": True, "ADDifT": True, "Multi-ADDifT": False}
+    assert w["try_run"].value == "Try it" and getattr(w["preview_image"], "format", "png") == "png"

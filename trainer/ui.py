@@ -774,7 +774,8 @@ class TrainTrainUI:
                         w["try_seeds"] = _make(gr.Textbox, label="Try it seeds", elem_id="tt_try_seeds",
                                                placeholder="e.g. 0, 1; empty: the job's sample_seed")
                 w["try_image"] = _make(gr.Image, label="Try it grid (rows: prompt x seed, columns: strength)",
-                                       type="pil", interactive=False, elem_id="tt_try_image")
+                                       type="pil", interactive=False, elem_id="tt_try_image",
+                                       format="png")  # sharp labels (gradio 4+: webp)
         w["mode"] = _make(gr.Radio, choices=list(MODES), value=mode, label="Mode", elem_id="tt_mode")
         with gr.Row():
             w["model"] = _make(gr.Dropdown, choices=self.host.model_choices(), value=self.host.default_model(),
@@ -798,7 +799,8 @@ class TrainTrainUI:
                 w["gen_target"] = _make(gr.Button, "Generate Target", elem_id="tt_gen_target", size="sm")
                 w["gen_all"] = _make(gr.Button, "Generate All", elem_id="tt_gen_all", size="sm")
             w["preview_image"] = _make(gr.Image, label="Prompt preview: the model alone, same seed (sample_* settings)",
-                                       type="pil", interactive=False, elem_id="tt_preview_image")
+                                       type="pil", interactive=False, elem_id="tt_preview_image",
+                                       format="png")  # sharp labels (gradio 4+: webp)
         with _make(gr.Column, visible=mode in PAIR_MODES, elem_id="tt_images") as w["image_group"]:
             with gr.Row():
                 # type="pil", not "filepath": Forge replaces gradio 4's save_pil_to_cache with a function
