@@ -469,7 +469,8 @@ class TrainingRun:
             c.unet, tes, algo=cfg.network_type, rank=cfg.network_rank, alpha=cfg.network_alpha,
             conv_rank=cfg.network_conv_rank or cfg.network_rank, conv_alpha=cfg.network_conv_alpha or cfg.network_alpha,
             blocks=cfg.network_blocks, element=cfg.network_element, unet_key_style=self.unet_key_style,
-            train_text_encoder=p.train_text_encoder, dtype=self.lora_dtype, te_layer_limits=self.te_layer_limits(tes))
+            train_text_encoder=p.train_text_encoder, dtype=self.lora_dtype, te_layer_limits=self.te_layer_limits(tes),
+            warn=self.log)
         self.check_stop()
         if cfg.network_resume:
             from .networks.files import load_network_file

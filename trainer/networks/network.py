@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -15,9 +15,11 @@ from .targets import (
     Target,
     default_ldm_map,
     filter_targets,
+    model_block_ids,
     normalise_algo,
     normalise_blocks,
     normalise_element,
+    select_blocks,
     te_targets,
     unet_targets,
 )
@@ -141,11 +143,13 @@ class Network(nn.Module):
         ldm_map: Optional[Mapping[str, str]] = None,
         multiplier: float = 1.0,
         te_layer_limits: Optional[Sequence[Optional[int]]] = None,
+        warn: Optional[Callable[[str], None]] = None,
     ) -> "Network":
         """Build fresh adapters.  ``conv_rank``/``conv_alpha`` 0 inherit ``rank``/``alpha``
         (they apply to k×k convs only; 1×1 convs use the linear values).  Text-encoder
         adapters exist only if ``train_text_encoder`` and BASE is among ``blocks``;
-        ``te_layer_limits`` (per encoder) keeps them below a layer index (see ``te_targets``)."""
+        ``te_layer_limits`` (per encoder) keeps them below a layer index (see ``te_targets``).
+        ``warn`` gets one line when ``blocks`` names blocks this U-Net lacks (``select_blocks``)."""
         algo = normalise_algo(algo)
         element = normalise_element(element)
         blocks = normalise_blocks(blocks)
@@ -156,6 +160,8 @@ class Network(nn.Module):
         conv_alpha = conv_alpha if conv_alpha else alpha
         if ldm_map is None and (unet_key_style == "sgm" or blocks is not None):
             ldm_map = default_ldm_map(unet)
+        if blocks is not None:
+            blocks = select_blocks(blocks, model_block_ids(ldm_map), warn)
         net = cls(
             unet, text_encoders, unet_key_style=unet_key_style, ldm_map=ldm_map, dtype=dtype,
             algo=algo, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,

@@ -20,7 +20,9 @@ path is the diffusers path (key style "diffusers", SD1/SD2) or the SGM/LDM path
 
 Block IDs (BASE, IN00–IN11, M00, OUT00–OUT11) come from the LDM path of a U-Net
 module, obtained through a diffusers→LDM prefix map (``trainer.models.convert.
-unet_ldm_module_map``); this module never encodes the conversion rules itself.
+unet_ldm_module_map``); this module never encodes the conversion rules itself. Which IDs a model
+has comes from the same map (``model_block_ids``: SDXL has IN00–IN08, M00, OUT00–OUT08), and
+``select_blocks`` fits an SD1.5-style selection to it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "BLOCK_IDS", "ALGOS", "ELEMENTS", "KEY_STYLES", "Target",
     "unet_targets", "te_targets", "filter_targets", "te_prefixes",
     "to_ldm_path", "ldm_block_id", "normalise_blocks", "normalise_element", "default_ldm_map",
+    "model_block_ids", "family_block_ids", "select_blocks",
 ]
 
 BLOCK_IDS: tuple = (
@@ -154,6 +157,65 @@ def default_ldm_map(unet: nn.Module) -> Mapping[str, str]:
             f"which could not be imported ({e}); pass ldm_map= explicitly"
         ) from e
     return unet_ldm_module_map(unet.config)
+
+
+# -- the blocks a model has ------------------------------------------------------------
+
+_UNET_IDS = tuple(b for b in BLOCK_IDS if b != "BASE")
+
+
+def model_block_ids(ldm_map: Mapping[str, str]) -> tuple:
+    """The block IDs a U-Net has (BASE first, then in BLOCK_IDS order), read from its diffusers→LDM
+    module map, i.e. from the family's own U-Net layout: SD1/SD2 IN00–IN11, M00, OUT00–OUT11; SDXL
+    IN00–IN08, M00, OUT00–OUT08 (3 levels of 3 input and 3 output blocks)."""
+    have = {ldm_block_id(v) for v in ldm_map.values()}
+    return ("BASE",) + tuple(b for b in _UNET_IDS if b in have)
+
+
+def family_block_ids(family) -> tuple:
+    """The block IDs of a family (trainer.models.families.Family or its value), from its bundled U-Net
+    config, before any weights are loaded (for block lists shown ahead of training)."""
+    from trainer.models.configs import configs_for  # type: ignore
+    from trainer.models.convert import unet_ldm_module_map  # type: ignore
+
+    return model_block_ids(unet_ldm_module_map(configs_for(family).unet))
+
+
+def _span(ids: Sequence[str]) -> str:
+    """IN00, IN01, IN02, OUT05 -> "IN00–IN02, OUT05" (runs of consecutive numbers of one kind)."""
+    out, run = [], []
+    for b in ids:
+        if run and b[:-2] == run[-1][:-2] and b[-2:].isdigit() and int(b[-2:]) == int(run[-1][-2:]) + 1:
+            run.append(b)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else f"{run[0]}–{run[-1]}")
+        run = [b]
+    if run:
+        out.append(run[0] if len(run) == 1 else f"{run[0]}–{run[-1]}")
+    return ", ".join(out)
+
+
+def select_blocks(blocks: Optional[frozenset], available: Sequence[str], warn=None) -> Optional[frozenset]:
+    """Fit a selection of block IDs (normalised, None = all) to a model that has ``available``.
+
+    Block numbers mean the model's own blocks, as they did in the original (its SD1-style IDs named
+    SDXL's blocks by SDXL's own numbers, IN00–IN08 / OUT00–OUT08, as in the Web-UI's LoRA Block Weight
+    for SDXL), so a selection keeps selecting the modules it selected there. Two rules on top:
+    - the full SD1.5-style U-Net list (IN00–IN11, M00, OUT00–OUT11, what every shipped preset holds)
+      means every U-Net block of any family: no warning;
+    - otherwise IDs the model lacks select nothing: one ``warn`` line names them and the model's blocks.
+    """
+    if blocks is None:
+        return None
+    unet = [b for b in _UNET_IDS if b in blocks]
+    if set(unet) == set(_UNET_IDS):
+        return blocks
+    missing = [b for b in unet if b not in available]
+    if missing and warn is not None:
+        warn(f"network_blocks: this model has no block {', '.join(missing)}; they select nothing. "
+             f"Its blocks: {_span([b for b in BLOCK_IDS if b in available])}")
+    return blocks
 
 
 # -- candidate enumeration -------------------------------------------------------------
