@@ -55,7 +55,7 @@ def run(modules: list[str], survivors_only: bool = False) -> None:
     names = [f"{m}.*" for m in modules]
     if survivors_only:  # after adding tests: run again only what the last run of these modules left alive
         names = [n for m in modules for n, status in json.loads(
-            (ROOT / "mutants" / "scores" / f"{m}.json").read_text()).items() if status != "killed"]
+            (ROOT / "mutants" / "scores" / f"{m}.json").read_text()).items() if status == "survived"]
         if not names:
             return
     try:
@@ -64,7 +64,10 @@ def run(modules: list[str], survivors_only: bool = False) -> None:
         for module in modules:
             snapshot = ROOT / "mutants" / "scores" / f"{module}.json"
             snapshot.parent.mkdir(parents=True, exist_ok=True)
-            snapshot.write_text(json.dumps(verdicts(module), indent=1, sort_keys=True))
+            old = json.loads(snapshot.read_text()) if snapshot.exists() else {}
+            # mutmut forgets every verdict when the test selection changes: keep the ones not rerun now
+            new = {k: v if v != "not checked" else old.get(k, v) for k, v in verdicts(module).items()}
+            snapshot.write_text(json.dumps(new, indent=1, sort_keys=True))
 
 
 def verdicts(module: str) -> dict:

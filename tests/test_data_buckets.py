@@ -256,7 +256,8 @@ def test_bucket_sides_are_whole_pixels_and_crop_offsets_use_each_axis() -> None:
 
 
 def test_no_bucket_and_the_sub_bucket_penalty_are_as_documented() -> None:
-    with pytest.raises(DataError, match="There are no buckets to place images in; check image_size"):
+    message = r"^There are no buckets to place images in; check image_size and image_min_length\.$"
+    with pytest.raises(DataError, match=message):
         nearest_bucket((64, 64), [])
     # +1 per pick: the square (error 0 -> 1) wins again over a bucket 1.5 away
     assert [b for b, _ in pick_sub_buckets((100, 100), [(64, 64), (160, 64)], 2)] == [(64, 64), (64, 64)]
