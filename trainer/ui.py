@@ -507,7 +507,9 @@ class TrainTrainUI:
         if state.get("samples") == key:
             return [_no_change(), state]
         state["samples"] = key
-        return [_upd(value=[(f, Path(f).stem) for f in key] if key else None), state]
+        # Sent as pictures, not paths: the standalone app blocks the workdir from gradio's file route
+        # (blocked_paths), so a path under samples/ would be refused when the gallery is shown.
+        return [_upd(value=[(_read_png(f), Path(f).stem) for f in key] if key else None), state]
 
     # --- prompt previews (Generate Original / Target / All) and Try it ---------------------------
     def preview_original(self, *values) -> list:
@@ -633,10 +635,7 @@ class TrainTrainUI:
                     f"or the number of prompts and seeds", _no_change()]
         finally:
             self._drawing.release()
-        from PIL import Image
-
-        with Image.open(path) as img:  # the picture itself: the workdir is not served by the standalone app
-            picture = img.convert("RGB")
+        picture = _read_png(path)  # the picture itself: the workdir is not served by the standalone app
         notes = "; ".join(filter(None, [detail, f"{time.perf_counter() - t0:.1f} s", *log]))
         return [f"{what}: {path} ({notes})", _upd(value=picture)]
 
@@ -1069,6 +1068,14 @@ def create_ui(host, **kw) -> TrainTrainUI:
     ui = TrainTrainUI(host, **kw)
     ui.build()
     return ui
+
+
+def _read_png(path):
+    """A grid PNG as an RGB picture, the file closed again."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
 
 
 def blocked_paths(host) -> list[str]:
