@@ -809,8 +809,10 @@ ORIGINAL_SETTINGS: tuple[Setting, ...] = (
          "VRAM使用量を抑える代わりに少し遅くなります。バッチサイズを上げられるので結果的に速くなる場合も。"),
     # ---- block group ----
     _row("network_blocks", "checkgroup", tuple, BLOCK_IDS, _EVERY,
-         "U-Net blocks to train (block-wise training). BASE = the text encoder(s).",
-         "学習する層(層別学習)。BASEはText Encoderです。",
+         "U-Net blocks to train (block-wise training). BASE = the text encoder(s). SDXL has IN00-IN08, M00, "
+         "OUT00-OUT08 (numbered as in the original); IDs a model lacks select nothing, and the log names them.",
+         "学習する層(層別学習)。BASEはText Encoderです。SDXLの層はIN00〜IN08、M00、OUT00〜OUT08(元の拡張と同じ番号)。"
+         "モデルにない層は何も選ばず、ログにその名前が出ます。",
          key="network_blocks(BASE = TextEncoder)", choices=BLOCK_IDS, parser=_parse_blocks, formatter=list),
     # ---- option parameters, column 1 ----
     _row("network_resume", "text", str, "", _DATA,
