@@ -745,7 +745,8 @@ class TrainTrainUI:
             with _make(gr.Column, scale=3):
                 w["live_plot"] = _make(gr.Plot, label="Loss (live)", elem_id="tt_live_plot")
                 w["samples"] = _make(gr.Gallery, label="Sample grids (sample_every_n_steps; newest first)",
-                                     elem_id="tt_samples", columns=2, height="auto", object_fit="contain")
+                                     elem_id="tt_samples", columns=2, height="auto", object_fit="contain",
+                                     format="png")  # sharp labels (gradio 4+: webp)
                 w["samples_state"] = gr.State({})
                 with _make(gr.Accordion, "Job log", open=False, elem_id="tt_log_acc"):
                     w["job_log"] = _make(gr.Textbox, label="Running or last job", elem_id="tt_job_log",
