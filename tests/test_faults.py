@@ -654,3 +654,59 @@ def test_stop_while_reading_the_images_ends_the_reading(data, tmp_path, componen
     holder["run"] = run
     result = run.run(LoRAMode())
     assert result.stopped and "nothing was saved" in result.message and len(read) == 1
+
+
+def test_stop_while_loading_the_latent_cache_ends_the_loading(data, tmp_path, components, monkeypatch):
+    from trainer.data.cache import LatentCache
+
+    cfg = make_cfg(data, latent_cache_on_disk=True, train_iterations=1)
+    _, first = start(cfg, tmp_path / "fill", components)  # fills the disk cache
+    assert first.ok, first.message
+    real, read = LatentCache._load, []
+
+    def load(self, folder, key):
+        read.append(key)
+        holder["run"].stop()  # pressed while the first cached latent is read (a large cache takes a while)
+        return real(self, folder, key)
+
+    monkeypatch.setattr(LatentCache, "_load", load)
+    holder = {}
+    paths = OutputPaths.under(tmp_path / "fill")
+    run = TrainingRun(cfg.with_overrides({"save_lora_name": "again"}), components, paths, log=lambda m: None,
+                      device=torch.device("cpu"))
+    holder["run"] = run
+    result = run.run(LoRAMode())
+    assert result.stopped and "nothing was saved" in result.message and len(read) == 1
+    assert not (paths.lora_dir / "again.safetensors").exists()
+
+
+def test_stop_while_reading_multi_addift_pairs_ends_the_reading(tmp_path, components, monkeypatch):
+    from PIL import Image
+
+    from trainer.data import pairs
+    from trainer.modes.addift import MultiADDifTMode
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(folder / f"p{i}.png")
+        Image.new("RGB", (64, 64), (40, 40, 200)).save(folder / f"p{i}_b.png")
+    real, read = pairs.load_image, []
+
+    def load_image(path, **kw):
+        read.append(path)
+        holder["run"].stop()  # pressed while the first pair is read
+        return real(path, **kw)
+
+    monkeypatch.setattr(pairs, "load_image", load_image)
+    cfg = Config.defaults("Multi-ADDifT").with_overrides({
+        "lora_data_directory": str(folder), "diff_target_name": "_b", "save_lora_name": "m", "image_size": "64",
+        "image_min_length": 64, "image_buckets_step": 64, "network_rank": 4, "network_alpha": 4,
+        "network_blocks": BLOCKS, "train_iterations": 2, "train_model_precision": "fp32",
+        "latent_cache_on_disk": False})
+    holder = {}
+    run = TrainingRun(cfg, components, OutputPaths.under(tmp_path), log=lambda m: None, device=torch.device("cpu"))
+    holder["run"] = run
+    result = run.run(MultiADDifTMode())
+    assert result.stopped and "nothing was saved" in result.message
+    assert len(read) <= 2  # the first pair's two images, then no more

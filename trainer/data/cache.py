@@ -67,11 +67,13 @@ class LatentCache:
         batch_size: int,
         cache_dir: Path | str | None = None,
         key_extra: str = "",
+        check_stop: Callable[[], None] | None = None,
     ) -> list[torch.Tensor]:
         """One CPU latent [C,h,w] per sample, in order; equal pixels share one latent.
 
         Missing latents are encoded in batches of at most ``batch_size`` that never
-        mix bucket sizes.
+        mix bucket sizes. ``check_stop`` is called before each cached file is read (a large
+        cache takes a while too): it raises to end the loading when Stop was pressed.
         """
         if int(batch_size) != batch_size or batch_size < 1:
             raise DataError(f"The VAE encoding batch size must be a whole number >= 1, got {batch_size!r}.")
@@ -82,6 +84,8 @@ class LatentCache:
         for key, sample in zip(keys, samples):
             if key in self._memory or key in missing:
                 continue
+            if check_stop is not None and folder is not None:
+                check_stop()
             loaded = self._load(folder, key) if folder is not None else None
             if loaded is not None:
                 self._memory[key] = loaded

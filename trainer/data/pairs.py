@@ -230,8 +230,10 @@ def build_pair_samples(
     trigger: str = "",
     use_filename_as_tag: bool = False,
     warn: Warn = _log_warning,
+    check_stop: Callable[[], None] | None = None,
 ) -> list[PairSample]:
-    """Bucketed crops of every pair in ``directory`` (see module docstring)."""
+    """Bucketed crops of every pair in ``directory`` (see module docstring). ``check_stop`` is called
+    before each pair: it raises to end the reading when Stop was pressed."""
     if int(num_multiply) != num_multiply or num_multiply < 1:
         raise DataError(f"image_num_multiply must be a whole number >= 1, got {num_multiply!r}.")
     pairs = find_pairs(directory, target_suffix, warn)
@@ -240,6 +242,8 @@ def build_pair_samples(
     samples: list[PairSample] = []
     skipped = 0
     for pair in pairs:
+        if check_stop is not None:
+            check_stop()
         try:
             orig = load_image(pair.original, max_side=largest_side)
             targ = load_image(pair.target, max_side=largest_side)

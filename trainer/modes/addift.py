@@ -175,7 +175,7 @@ class MultiADDifTMode(_ADDifTObjective):
             buckets_step=cfg.image_buckets_step, min_length=cfg.image_min_length, max_ratio=cfg.image_max_ratio,
             num_multiply=cfg.image_num_multiply, sub_image_num=cfg.sub_image_num, mirroring=cfg.image_mirroring,
             disable_upscale=cfg.image_disable_upscale, trigger=cfg.lora_trigger_word,
-            use_filename_as_tag=cfg.image_use_filename_as_tag, warn=run.log)
+            use_filename_as_tag=cfg.image_use_filename_as_tag, warn=run.log, check_stop=run.check_stop)
         run.check_stop()
         run.progress(phase="prepare", message=f"Encoding {len(samples)} image pairs")
         cache_dir = run.paths.cache_dir if getattr(cfg, "latent_cache_on_disk", True) else None
@@ -187,7 +187,8 @@ class MultiADDifTMode(_ADDifTObjective):
 
         latents = LatentCache(warn=run.log).encode_all(
             [s.original for s in samples] + [s.target for s in samples], encode,
-            batch_size=max(1, cfg.train_batch_size), cache_dir=cache_dir, key_extra=key)
+            batch_size=max(1, cfg.train_batch_size), cache_dir=cache_dir, key_extra=key,
+            check_stop=run.check_stop)
         run.release_vae()
         on_device: dict[int, torch.Tensor] = {}  # on the device once (repeated samples share one tensor)
         for x in latents:

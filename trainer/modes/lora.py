@@ -45,7 +45,8 @@ class LoRAMode:
             return run.encode_images(pixels)
 
         latents = LatentCache(warn=run.log).encode_all(
-            samples, encode, batch_size=max(1, cfg.train_batch_size), cache_dir=cache_dir, key_extra=key)
+            samples, encode, batch_size=max(1, cfg.train_batch_size), cache_dir=cache_dir, key_extra=key,
+            check_stop=run.check_stop)
         run.release_vae()
         # On the device once (repeated samples share one tensor), not copied there at every step
         on_device: dict[int, torch.Tensor] = {}
