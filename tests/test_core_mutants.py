@@ -184,3 +184,21 @@ def test_misuse_of_adapters_and_networks_is_named():
     b.remove()
     a.remove()
     assert not a.applied and not b.applied
+
+
+def test_network_settings_reach_the_adapters_and_bad_ones_are_named():
+    from trainer.networks.network import Network
+
+    c = tiny_components()
+    net = Network.create(c.unet, algo="c3lier", rank=4, alpha=2)  # conv rank/alpha 0: inherit rank/alpha
+    convs = [m for m in net.adapters() if m.org_module.__class__.__name__ == "Conv2d"
+             and m.org_module.kernel_size != (1, 1)]
+    assert net.algo == "c3lier" and convs
+    assert {(m.rank, float(m.alpha)) for m in convs} == {(4, 2.0)}
+    own = Network.create(c.unet, algo="c3lier", rank=4, alpha=2, conv_rank=2, conv_alpha=1)
+    assert {(m.rank, float(m.alpha)) for m in own.adapters() if m.org_module.__class__.__name__ == "Conv2d"
+            and m.org_module.kernel_size != (1, 1)} == {(2, 1.0)}
+    with pytest.raises(ValueError, match=r"^network_rank must be >= 1, got 0$"):
+        Network.create(c.unet, rank=0)
+    with pytest.raises(ValueError, match=r"^unet_key_style must be one of .*, got 'ldm'$"):
+        Network(c.unet, unet_key_style="ldm")
