@@ -3,6 +3,7 @@
     .venv/bin/python tests/mutation.py trainer.diffusion     # mutate one module, run its fast tests
     .venv/bin/python tests/mutation.py trainer.modes.ileco trainer.modes.base   # several in one run
     .venv/bin/python tests/mutation.py --survivors-again trainer.diffusion   # after adding tests: rerun survivors
+    .venv/bin/python tests/mutation.py --survivors-again trainer.diffusion x_weighted_loss__mutmut_5   # just these
     .venv/bin/python tests/mutation.py --summary             # killed / survived / timeout per module
     .venv/bin/python tests/mutation.py --survivors trainer.diffusion   # the surviving mutants' diffs
 
@@ -38,7 +39,7 @@ def module_tests(module: str) -> list[str]:
              f"{', '.join(cfg.options('mutmut-tests'))}")
 
 
-def run(modules: list[str], survivors_only: bool = False) -> None:
+def run(modules: list[str], survivors_only: bool = False, only: list[str] = ()) -> None:
     os.chdir(ROOT)
     os.environ.setdefault("TT_THREADS", "1")
     import torch
@@ -56,6 +57,8 @@ def run(modules: list[str], survivors_only: bool = False) -> None:
     if survivors_only:  # after adding tests: run again only what the last run of these modules left alive
         names = [n for m in modules for n, status in json.loads(
             (ROOT / "mutants" / "scores" / f"{m}.json").read_text()).items() if status == "survived"]
+        if only:  # a few named survivors (mutmut's names, module prefix optional)
+            names = [n for n in names if any(n.endswith(o) for o in only)]
         if not names:
             return
     try:
@@ -109,7 +112,8 @@ if __name__ == "__main__":
     elif args[:1] == ["--survivors"] and len(args) == 2:
         survivors(args[1])
     elif args[:1] == ["--survivors-again"] and len(args) > 1:
-        run(args[1:], survivors_only=True)
+        run([a for a in args[1:] if "__mutmut_" not in a], survivors_only=True,
+            only=[a for a in args[1:] if "__mutmut_" in a])
     elif args and not any(a.startswith("-") for a in args):
         run(args)
     else:
