@@ -117,6 +117,25 @@ def test_stop_saves_what_was_trained_and_says_so(data, tmp_path):
     assert "Stopped at step 3" in result.message
 
 
+def test_cancel_stops_without_saving_and_keeps_earlier_snapshots(data, tmp_path):
+    # Cancel (stop(save=False)): the tab's "Cancel without saving"; a save_per_steps snapshot made before stays
+    cfg = make_cfg(data, train_iterations=50, save_per_steps=2)
+    holder = {}
+
+    def on_progress(p):
+        if p.phase == "train" and p.step == 3:
+            holder["run"].stop(save=False)
+            holder["run"].stop()  # a later plain stop (the Web-UI's Interrupt) does not bring the save back
+
+    run = TrainingRun(cfg, tiny_components(), OutputPaths.under(tmp_path), log=lambda m: None,
+                      device=torch.device("cpu"), on_progress=on_progress)
+    holder["run"] = run
+    result = run.run(LoRAMode())
+    assert not result.ok and result.stopped and result.steps == 3
+    assert sorted(p.name for p in (tmp_path / "output").glob("*.safetensors")) == ["t_2steps.safetensors"]
+    assert result.message.startswith("Cancelled at step 3; nothing was saved; kept the files saved before")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_weights(data, tmp_path, monkeypatch):
     real = LoRAMode.loss
 

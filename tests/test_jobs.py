@@ -1,5 +1,6 @@
 """trainer/jobs.py: the queue as an object: order, persistence (atomic, across a new JobQueue), duplicate
-names, delete by id, a failing job never stopping the rest, each job's result, Stop pausing the queue."""
+names, delete by id, a failing job never stopping the rest, each job's result, Stop / Cancel pausing the queue
+or going on with the next job."""
 import json
 import threading
 import time
@@ -9,7 +10,7 @@ import pytest
 
 from trainer.config import Config
 from trainer.engine import RunResult
-from trainer.jobs import DONE, FAILED, QUEUED, RUNNING, STOPPED, JobQueue, QueueError
+from trainer.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, STOPPED, JobQueue, QueueError
 
 
 def cfg(name, **kw):
@@ -22,8 +23,10 @@ class FakeRun:
     def __init__(self, steps):
         self.steps = steps
         self.stopped = threading.Event()
+        self.save = True
 
-    def stop(self):
+    def stop(self, save=True):
+        self.save = self.save and save  # as the engine: a cancel sticks
         self.stopped.set()
 
 
@@ -56,6 +59,8 @@ def runner_for(outcomes=None, step_time=0.0, steps=3, started=None, hold_at=None
             if hold_at and i == hold_at[0] and not hold_at[1].is_set():  # the first job that gets there
                 hold_at[1].set()
                 fake.stopped.wait(30)
+        if fake.stopped.is_set() and not fake.save:
+            return RunResult(False, f"Cancelled at step {done}; nothing was saved", [], None, done, True)
         if fake.stopped.is_set():
             return RunResult(True, f"Stopped at step {done}", [Path(f"/out/{c.save_lora_name}_{done}steps.safetensors")],
                              None, done, True)
@@ -188,6 +193,80 @@ def test_stop_stops_the_running_job_and_pauses_the_queue(tmp_path):
     assert q.stop() == "Nothing is training"
     assert q.start() and q.wait(120)
     assert q.jobs()[1].status == DONE
+
+
+def held_queue(tmp_path, *names):
+    """A queue of ``names`` whose first job is held at step 2 (certainly running when the test acts)."""
+    at_step_2 = threading.Event()
+    run = runner_for(steps=1000, hold_at=(2, at_step_2))
+    q = JobQueue(tmp_path, run)
+    for n in names:
+        q.add(cfg(n))
+    q.start()
+    assert at_step_2.wait(10)
+    return q, run
+
+
+def test_stop_and_go_on_saves_the_job_and_the_queue_runs_the_next(tmp_path):
+    q, run = held_queue(tmp_path, "long", "next", "third")
+    msg = q.stop(save=True, go_on=True)
+    assert msg == ("Stopping long (job 1) at the next step; what was trained will be saved; then the queue goes "
+                   "on with next (job 2)")
+    assert q.wait(30)
+    jobs = q.jobs()
+    assert jobs[0].status == STOPPED and jobs[0].files[0].endswith("long_2steps.safetensors")
+    # the stop was the first job's only: the next ones train to their end
+    assert [(j.name, j.status) for j in jobs[1:]] == [("next", DONE), ("third", DONE)]
+    assert jobs[1].files == ["/out/next.safetensors"] and run.order == ["long", "next", "third"]
+
+
+def test_cancel_saves_nothing_marks_the_job_cancelled_and_pauses_the_queue(tmp_path):
+    q, run = held_queue(tmp_path, "long", "next")
+    msg = q.stop(save=False)
+    assert msg == ("Cancelling long (job 1) at the next step; nothing of it will be saved; the queue pauses: "
+                   "1 queued job(s) wait for Run Queue")
+    assert q.wait(30)
+    first, second = q.jobs()
+    assert first.status == CANCELLED and first.files == [] and first.steps == 2
+    assert first.message == "Cancelled at step 2; nothing was saved"
+    assert second.status == QUEUED and run.order == ["long"]
+    # a cancelled job is a finished one: it survives a restart as such and is cleared with the finished
+    assert [j.status for j in JobQueue(tmp_path, runner_for()).jobs()] == [CANCELLED, QUEUED]
+
+
+def test_cancel_and_go_on_runs_the_next_job(tmp_path):
+    q, run = held_queue(tmp_path, "long", "next")
+    msg = q.stop(save=False, go_on=True)
+    assert msg.startswith("Cancelling long (job 1)") and msg.endswith("then the queue goes on with next (job 2)")
+    assert q.wait(30)
+    assert [(j.name, j.status) for j in q.jobs()] == [("long", CANCELLED), ("next", DONE)]
+
+
+def test_the_last_stop_pressed_decides_the_pause_but_a_cancel_sticks(tmp_path):
+    entered, release, fakes = threading.Event(), threading.Event(), []
+
+    def run(c, control):
+        fake = FakeRun(5)
+        fakes.append(fake)
+        control.attach(fake)
+        if c.save_lora_name == "long":
+            entered.set()
+            release.wait(30)  # both presses reach the job while it still runs
+        if fake.stopped.is_set():
+            return RunResult(False, "Cancelled at step 1; nothing was saved", [], None, 1, True)
+        return RunResult(True, "Saved", [Path("/out/next.safetensors")], None, 5)
+
+    q = JobQueue(tmp_path, run)
+    q.add(cfg("long"))
+    q.add(cfg("next"))
+    q.start()
+    assert entered.wait(10)
+    q.stop(save=False)  # cancel and pause ...
+    q.stop(save=True, go_on=True)  # ... then Stop and save with "go on": the queue goes on, nothing is saved
+    release.set()
+    assert q.wait(30)
+    assert fakes[0].save is False and not fakes[1].stopped.is_set()
+    assert [(j.name, j.status) for j in q.jobs()] == [("long", CANCELLED), ("next", DONE)]
 
 
 def test_stop_before_the_run_exists_stops_it_as_soon_as_it_is_attached(tmp_path):

@@ -268,6 +268,65 @@ def test_start_runs_a_job_with_live_status_and_plot_and_saves(ui, images, tmp_pa
     assert ui.draw_log("../../etc/passwd")[1].startswith("Error")
 
 
+def hold_at_step(ui, step):
+    """The running job waits after reporting ``step`` until the returned ``release`` is set."""
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(p):
+        if p.phase == "train" and p.step == step and not reached.is_set():
+            reached.set()
+            release.wait(60)
+
+    ui.host.on_progress = hold
+    return reached, release
+
+
+def test_stop_and_cancel_buttons_say_what_they_do(ui):
+    by_id = {getattr(c, "elem_id", None): c for c in ui.blocks.blocks.values()}
+    assert by_id["tt_stop"].value == "Stop and save" and by_id["tt_cancel"].value == "Cancel without saving"
+    assert by_id["tt_stop_go_on"].value is False and "go on with the next job" in by_id["tt_stop_go_on"].label
+    help_text = by_id["tt_stop_help"].value
+    for part in ("**Stop and save**", "<name>_<steps>steps", "**Cancel without saving**", "saves nothing",
+                 "queue pauses", "next queued job starts"):
+        assert part in help_text, part
+    assert ui.cancel() == "Nothing is training" and ui.stop(True) == "Nothing is training"
+
+
+def test_cancel_and_go_on_writes_no_file_and_the_next_job_trains(ui, images, tmp_path):
+    reached, release = hold_at_step(ui, 2)
+    ui.add_to_queue(*values_for(ui, small(images, "ui_long", iterations=300)))
+    ui.add_to_queue(*values_for(ui, small(images, "ui_next", iterations=2)))
+    ui.run_queue()
+    assert reached.wait(600)
+    msg = ui.cancel(True)  # "go on with the next job" ticked
+    assert msg == ("Cancelling ui_long (job 1) at the next step; nothing of it will be saved; then the queue goes "
+                   "on with ui_next (job 2)")
+    release.set()
+    assert ui.queue.wait(600)
+    first, second = ui.queue.jobs()
+    assert first.status == "cancelled" and first.message == "Cancelled at step 2; nothing was saved"
+    assert second.status == DONE
+    assert sorted(p.name for p in (tmp_path / "output").glob("*.safetensors")) == ["ui_next.safetensors"]
+    rows = upd(ui.queue_view()[0])["value"]
+    assert [r[3] for r in rows] == ["cancelled", "done"]
+
+
+def test_stop_and_save_pauses_the_queue_by_default(ui, images, tmp_path):
+    reached, release = hold_at_step(ui, 2)
+    ui.add_to_queue(*values_for(ui, small(images, "ui_long", iterations=300)))
+    ui.add_to_queue(*values_for(ui, small(images, "ui_next", iterations=2)))
+    ui.run_queue()
+    assert reached.wait(600)
+    msg = ui.stop(False)
+    assert msg == ("Stopping ui_long (job 1) at the next step; what was trained will be saved; the queue pauses: "
+                   "1 queued job(s) wait for Run Queue")
+    release.set()
+    assert ui.queue.wait(600)
+    assert [j.status for j in ui.queue.jobs()] == ["stopped", QUEUED]
+    assert [p.name for p in (tmp_path / "output").glob("*.safetensors")] == ["ui_long_2steps.safetensors"]
+    assert ui.status_line().startswith("Idle · last: ui_long (job 1) stopped: Stopped at step 2; saved ")
+
+
 def test_poll_reports_no_change_when_nothing_changed(ui, images):
     _, _, _, _, _, state = ui.poll({})
     status, plot, table, choices, log, state2 = ui.poll(state)

@@ -281,6 +281,7 @@ class TrainingRun:
         self._stop = False
         self._completed = 0  # steps finished in the current pass
         self._stop_after: int | None = None  # steps finished in the pass when Stop was pressed
+        self._discard = False  # Cancel: stop without saving what the stopped pass trained
         self._dims: dict[str, tuple] = {}  # pass name -> (rank, alpha, conv_rank, conv_alpha) when not the settings'
         self.started_at = time.time()
         self.session_id = uuid.uuid4().int % (2**31)
@@ -292,9 +293,13 @@ class TrainingRun:
         self.sampler = None  # trainer.samples.TrainingSamples when sample_every_n_steps > 0
 
     # --- control -------------------------------------------------------------------------
-    def stop(self) -> None:
+    def stop(self, save: bool = True) -> None:
         """Stop at the next step (or at the next item while caching); what was trained is saved. Pressed
-        before step 1 finished (the run still looks like it is preparing), nothing is saved."""
+        before step 1 finished (the run still looks like it is preparing), nothing is saved. ``save=False``
+        (Cancel) saves nothing of the stopped pass; it sticks, so a later plain stop (the Web-UI's Interrupt)
+        does not bring the save back. Files saved before (save_per_steps, a finished pass) are kept."""
+        if not save:
+            self._discard = True
         if self._stop_after is None:
             self._stop_after = self._completed
         self._stop = True
@@ -426,6 +431,11 @@ class TrainingRun:
                 place(m, "cpu")
             self._free_memory()
         saved = ", ".join(str(f) for f in self.files) or "nothing"
+        if self._stop and self._discard:
+            kept = f"; kept the files saved before the cancel: {saved}" if self.files else ""
+            message = f"Cancelled at step {steps_done}; nothing was saved{kept}"
+            self.log(message)
+            return RunResult(False, message, self.files, self.csv_path, steps_done, True, seed)
         if self._stop and steps_done == 0 and not self.files:
             message = "Stopped before step 1 finished; nothing was saved"
             self.log(message)
@@ -611,12 +621,12 @@ class TrainingRun:
             # Stop pressed before step 1 finished, while the run still looked like it was preparing:
             # a one-step LoRA is of no use, so nothing of this pass is saved
             step = 0
-        if p.save or self._stop:
+        if (p.save or self._stop) and not self._discard:
             suffix = f"_{step}steps" if self._stop else ""
             # (Stop pressed during a per-step save: that file already holds these weights)
             if step > 0 and self.paths.lora_dir / f"{p.name}{suffix}.safetensors" not in self.files:
                 self._save(p, net, optimizer, suffix=suffix, steps=step)
-        if sampler:
+        if sampler and not self._discard:
             sampler.draw(p, net, step, total)  # the end (nothing when step N already drew this step)
         net.requires_grad_(False)
         net.set_multiplier(1.0)

@@ -5,8 +5,10 @@ their own. Jobs are added with their validated :class:`~trainer.config.Config`; 
 already queued or running is refused. The worker runs the queued jobs in order; a job that fails
 (bad data, a missing model, an exception anywhere) is marked failed with its message and the next
 one starts. Every job keeps its result (message, files, CSV, steps). :meth:`JobQueue.stop` stops the
-running job at its next step (the engine saves what was trained) and pauses the queue; the jobs still
-queued wait for :meth:`JobQueue.start`.
+running job at its next step: by default the engine saves what was trained (``<name>_<N>steps``) and the
+queue pauses, the jobs still queued waiting for :meth:`JobQueue.start`; ``save=False`` cancels the job
+without saving it (status ``cancelled``), ``go_on=True`` lets the queue go on with the next job, as the
+original did.
 
 The queue does not know where models come from: a *runner* does. :func:`host_runner` makes one from a
 host (:class:`StandaloneHost` here, ``trainer.host.webui.WebUIHost`` inside the Web-UI).
@@ -32,6 +34,8 @@ from .config import Config, SettingError
 log = logging.getLogger("traintrain.jobs")
 
 QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
+CANCELLED = "cancelled"  # stopped with "Cancel without saving": nothing of the stopped pass was written
+FINISHED = (DONE, STOPPED, CANCELLED, FAILED)
 ACTIVE = (QUEUED, RUNNING)
 STORE_NAME = "queue.json"
 LOCK_NAME = "queue.lock"
@@ -159,7 +163,7 @@ class Job:
             want = _JOB_TYPES[k]
             if isinstance(v, bool) and want is not str or not isinstance(v, want):
                 raise ValueError(f"job field {k!r} is {v!r:.80} ({type(v).__name__})")
-        if known.get("status", QUEUED) not in (QUEUED, RUNNING, DONE, STOPPED, FAILED):
+        if known.get("status", QUEUED) not in (QUEUED, RUNNING, *FINISHED):
             raise ValueError(f"job field 'status' is {known['status']!r:.80}")
         return cls(**known)
 
@@ -185,29 +189,46 @@ class LiveProgress:
 
 
 class RunControl:
-    """Handed to a runner: progress and log sinks, and the link between Stop and the TrainingRun."""
+    """Handed to a runner: progress and log sinks, and the link between Stop and the TrainingRun. The stop
+    request belongs to this job, not to the queue: with "go on" the next job starts unstopped."""
 
     def __init__(self, queue: "JobQueue", job: Job):
         self._queue = queue
         self.job = job
         self._run = None
         self._lock = threading.Lock()
+        self._stop = False
+        self._cancel = False
 
     @property
     def stop_requested(self) -> bool:
-        return self._queue._stop_event.is_set()
+        return self._stop
+
+    @property
+    def cancelled(self) -> bool:
+        """Stopped with "Cancel without saving" (sticky: a later plain stop does not bring the save back)."""
+        return self._cancel
 
     def attach(self, run) -> None:
         """Register the job's TrainingRun; a Stop pressed before this point stops it at once."""
         with self._lock:
             self._run = run
-        if self.stop_requested:
-            run.stop()
+        if self._stop:
+            self._stop_run(run)
 
-    def stop(self) -> None:
+    def stop(self, save: bool = True) -> None:
         with self._lock:
+            self._stop = True
+            self._cancel = self._cancel or not save
             run = self._run
         if run is not None:
+            self._stop_run(run)
+
+    def _stop_run(self, run) -> None:
+        # a plain stop() for a save: runs that know no cancel (the CLI's, a host's) keep working
+        if self._cancel:
+            run.stop(save=False)
+        else:
             run.stop()
 
     def progress(self, p) -> None:
@@ -258,7 +279,7 @@ class JobQueue:
         self._version = 0
         self._worker: threading.Thread | None = None
         self._control: RunControl | None = None
-        self._stop_event = threading.Event()
+        self._pause = threading.Event()  # set by Stop (unless "go on"): no further job starts
         self._live: LiveProgress | None = None
         self._log_lines: list[str] = []
         self._log_job: int | None = None
@@ -472,25 +493,39 @@ class JobQueue:
         with self._lock:
             if self.busy or not any(j.status == QUEUED for j in self._jobs):
                 return False
-            self._stop_event.clear()
+            self._pause.clear()
             self._worker = threading.Thread(target=self._work, name="traintrain-queue", daemon=True)
             self._worker.start()
             return True
 
-    def stop(self) -> str:
-        """Stop the running job at its next step (what was trained is saved) and pause the queue."""
+    def stop(self, save: bool = True, go_on: bool = False) -> str:
+        """Stop the running job at its next step. ``save``: what was trained is saved as ``<name>_<N>steps``
+        (else the job is cancelled: nothing of it is saved). ``go_on``: the queue goes on with the next job
+        (else it pauses until :meth:`start`). The last press decides both."""
         with self._lock:
             if not self.busy:
                 return "Nothing is training"
-            self._stop_event.set()
+            if go_on:
+                self._pause.clear()
+            else:
+                self._pause.set()
             control = self._control
             running = next((j for j in self._jobs if j.status == RUNNING), None)
+            waiting = [j for j in self._jobs if j.status == QUEUED]
         if control is not None:
-            control.stop()
-        waiting = sum(1 for j in self.jobs() if j.status == QUEUED)
-        tail = f"; {waiting} queued job(s) wait for Start" if waiting else ""
+            control.stop(save=save)
         what = f"{running.name} (job {running.id})" if running else "the queue"
-        return f"Stopping {what} at the next step; what was trained will be saved{tail}"
+        if save:
+            head = f"Stopping {what} at the next step; what was trained will be saved"
+        else:
+            head = f"Cancelling {what} at the next step; nothing of it will be saved"
+        if not waiting:
+            tail = ""
+        elif go_on:
+            tail = f"; then the queue goes on with {waiting[0].name} (job {waiting[0].id})"
+        else:
+            tail = f"; the queue pauses: {len(waiting)} queued job(s) wait for Run Queue"
+        return head + tail
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the worker is idle. True if it is."""
@@ -501,10 +536,12 @@ class JobQueue:
 
     def _next_job(self) -> Job | None:
         with self._lock:
-            if self._stop_event.is_set():
+            if self._pause.is_set():
                 return None
             for j in self._jobs:
                 if j.status == QUEUED:
+                    # the control exists from the moment the job is running, so a Stop can always reach it
+                    self._control = RunControl(self, j)
                     j.status = RUNNING
                     j.started_at = time.time()
                     j.message = "Starting"
@@ -516,7 +553,7 @@ class JobQueue:
                     if why:
                         # the queue file cannot follow: fail this job with the reason and pause the rest
                         # (they would fail the same way) until the user fixes the folder and presses Run Queue
-                        self._stop_event.set()
+                        self._pause.set()
                         self._finish(j.id, FAILED, f"Not started: {why}", [], "", 0)
                         self.console(f"TrainTrain: job {j.id} ({j.name}) failed: Not started: {why}")
                         return None
@@ -542,9 +579,10 @@ class JobQueue:
                 self._live = None
 
     def _run_one(self, job: Job) -> None:
-        control = RunControl(self, job)
         with self._lock:
-            self._control = control
+            control = self._control if self._control is not None and self._control.job.id == job.id else None
+            if control is None:
+                control = self._control = RunControl(self, job)
         self.console(f"TrainTrain: job {job.id} ({job.name}, {job.mode}) started")
         status, message, files, csv, steps = FAILED, "", [], "", 0
         capture = _LogCapture(self, job)
@@ -556,7 +594,7 @@ class JobQueue:
             steps = int(getattr(result, "steps", 0) or 0)
             message = str(result.message)
             if getattr(result, "stopped", False):
-                status = STOPPED
+                status = CANCELLED if control.cancelled else STOPPED
             else:
                 status = DONE if result.ok else FAILED
         except SettingError as e:
@@ -652,6 +690,7 @@ class StandaloneHost:
 
     name = "standalone"
     TINY_LABEL = "tiny-sd1 (built-in test model)"
+    embeddings_dir = None  # a folder of textual-inversion embeddings (.safetensors), `ui --embeddings-dir`
 
     def __init__(self, workdir: Path | str = ".", *, model_dir: Path | str | None = None,
                  lora_dir: Path | str | None = None, vae_dir: Path | str | None = None, device=None):
@@ -697,9 +736,11 @@ class StandaloneHost:
     @contextlib.contextmanager
     def session(self, cfg: Config, control: RunControl) -> Iterator[Any]:
         from .host.standalone import load_components
+        from .models.embeddings import attach_dir
 
-        yield load_components(cfg.model or None, cfg.vae or None, model_dir=self.model_dir, vae_dir=self.vae_dir,
-                              v_pred=cfg.model_v_pred or None)
+        yield attach_dir(load_components(cfg.model or None, cfg.vae or None, model_dir=self.model_dir,
+                                         vae_dir=self.vae_dir, v_pred=cfg.model_v_pred or None),
+                         self.embeddings_dir, control.log)
 
     def interrupted(self) -> bool:
         return False
@@ -736,7 +777,8 @@ def host_runner(host) -> Runner:
             path = write_settings_json(cfg, paths, time.time())
             control.log(f"Settings saved to {path}")
         if control.stop_requested:
-            return RunResult(False, "Stopped before training began; nothing was saved", stopped=True)
+            what = "Cancelled" if getattr(control, "cancelled", False) else "Stopped"
+            return RunResult(False, f"{what} before training began; nothing was saved", stopped=True)
 
         def progress(p):
             control.progress(p)

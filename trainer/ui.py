@@ -34,7 +34,7 @@ from .config import (
     Setting,
     SettingError,
 )
-from .jobs import ACTIVE, DONE, FAILED, RUNNING, STOPPED, JobQueue, QueueError, QueueLockedError, host_runner
+from .jobs import ACTIVE, DONE, FINISHED, RUNNING, JobQueue, QueueError, QueueLockedError, host_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_PRESETS = ROOT / "presets"
@@ -48,6 +48,11 @@ QUEUE_HEADERS = ["Job", "Name", "Mode", "Status", "Result", "Model"]
 PRESET_KEEPS = ("lora_data_directory", "save_lora_name")
 IMAGE_LABELS = {"original_image": "Original image", "target_image": "Target image"}
 POLL_SECONDS = 1.0
+#: Shown under the Stop buttons: what each does (the original kept running the queue; ours can do both)
+STOP_HELP = ("**Stop and save** ends the running job at its next step and saves what it trained as "
+             "`<name>_<steps>steps`. **Cancel without saving** ends it and saves nothing of it (files saved "
+             "earlier by `save_per_steps` stay). Then the queue pauses (queued jobs wait for *Run Queue*), "
+             "or, with *go on with the next job* ticked, the next queued job starts.")
 NO_PRESET = ""
 
 #: Rows before network_blocks are the original's "Required parameters", the rest "Option parameters".
@@ -302,8 +307,13 @@ class TrainTrainUI:
         """The model a job trains on, as the Model list names it."""
         return self.host.model_label((job.settings or {}).get("model") or "")
 
-    def stop(self) -> str:
-        return self.queue.stop()
+    def stop(self, go_on: bool = False) -> str:
+        """Stop and save: the running job saves what it trained; the queue pauses unless ``go_on``."""
+        return self.queue.stop(save=True, go_on=bool(go_on))
+
+    def cancel(self, go_on: bool = False) -> str:
+        """Cancel without saving: the running job ends and writes nothing more; the queue pauses unless ``go_on``."""
+        return self.queue.stop(save=False, go_on=bool(go_on))
 
     def run_queue(self) -> list:
         if self.queue.busy:
@@ -420,7 +430,7 @@ class TrainTrainUI:
         queued = len(self.queue.pending())
         tail = f" · {queued} queued" if queued else ""
         if lp is None:
-            jobs = [j for j in self.queue.jobs() if j.status in (DONE, STOPPED, FAILED)]
+            jobs = [j for j in self.queue.jobs() if j.status in FINISHED]
             if jobs:
                 last = max(jobs, key=lambda j: j.finished_at or 0)
                 return f"Idle · last: {last.name} (job {last.id}) {last.status}: {last.message}{tail}"
@@ -725,8 +735,14 @@ class TrainTrainUI:
             with _make(gr.Column, scale=2, min_width=320):
                 with gr.Row():
                     w["start"] = _make(gr.Button, "Start Training", variant="primary", elem_id="tt_start")
-                    w["stop"] = _make(gr.Button, "Stop", variant="stop", elem_id="tt_stop")
+                    w["stop"] = _make(gr.Button, "Stop and save", variant="stop", elem_id="tt_stop")
                     w["queue_add"] = _make(gr.Button, "Add to Queue", elem_id="tt_queue_add")
+                with gr.Row(elem_id="tt_stop_row"):
+                    w["cancel"] = _make(gr.Button, "Cancel without saving", variant="stop", elem_id="tt_cancel",
+                                        size="sm")
+                    w["stop_go_on"] = _make(gr.Checkbox, label="go on with the next job after Stop / Cancel",
+                                            value=False, elem_id="tt_stop_go_on")
+                w["stop_help"] = _make(gr.Markdown, STOP_HELP, elem_id="tt_stop_help")
                 with gr.Row(elem_id="tt_preset_row"):
                     w["preset"] = _make(gr.Dropdown, choices=self.preset_names(), value=None, label="Preset",
                                         elem_id="tt_preset", scale=3)
@@ -850,7 +866,9 @@ class TrainTrainUI:
         w["start"].click(self.start, inputs=settings, outputs=queue_out)
         w["queue_add"].click(self.add_to_queue, inputs=settings, outputs=queue_out)
         # Stop bypasses the event queue, so it is not held up behind the polling events
-        w["stop"].click(self.stop, inputs=None, outputs=[w["message"]], **_unqueued(w["stop"].click))
+        w["stop"].click(self.stop, inputs=[w["stop_go_on"]], outputs=[w["message"]], **_unqueued(w["stop"].click))
+        w["cancel"].click(self.cancel, inputs=[w["stop_go_on"]], outputs=[w["message"]],
+                          **_unqueued(w["cancel"].click))
         w["queue_run"].click(self.run_queue, inputs=None, outputs=queue_out)
         w["queue_clear"].click(self.clear_finished, inputs=None, outputs=queue_out)
         w["job_delete"].click(self.delete_job, inputs=[w["job_choice"]], outputs=queue_out)
