@@ -101,7 +101,7 @@ def test_defaults_make_the_default_config(ui):
 def test_mode_change_shows_only_that_modes_settings(ui, mode):
     out = ui.change_mode(mode)
     assert [upd(u)["visible"] for u in out[:len(PASS1)]] == [s.visible_in(mode) for s in PASS1]
-    second, prompts, images = (upd(u)["visible"] for u in out[len(PASS1):])
+    second, prompts, images = (upd(u)["visible"] for u in out[-3:])
     assert second == (mode == "Difference")
     assert prompts == (mode in ("iLECO", "Difference", "ADDifT"))
     assert images == (mode in ("Difference", "ADDifT"))
@@ -111,6 +111,32 @@ def test_mode_change_shows_only_that_modes_settings(ui, mode):
     else:
         assert "diff_target_name" not in visible
     assert ("diff_save_1st_pass" in visible) == (mode == "Difference")
+
+
+SIDES = ["Original prompt (− side)", "Target prompt (+ side)", "Original image (− side)", "Target image (+ side)"]
+PLAIN = ["Original prompt", "Target prompt (iLECO: empty = erase)", "Original image", "Target image"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_slider_modes_label_original_and_target_as_minus_and_plus_sides(ui, mode):
+    out = ui.change_mode(mode)
+    labels = [upd(u)["label"] for u in out[len(PASS1):len(PASS1) + 4]]
+    assert labels == (SIDES if mode in ("ADDifT", "Multi-ADDifT") else PLAIN)
+    suffix = upd(out[[s.name for s in PASS1].index("diff_target_name")])["label"]
+    if mode == "Multi-ADDifT":  # no image widgets there: the suffix setting says which image is which side
+        assert suffix == "diff target name (marks the + side image; the image without it is the − side)"
+    else:
+        assert suffix == "diff target name"
+
+
+def test_a_loaded_preset_labels_the_sides_of_its_mode(ui):
+    out = ui.load_preset("ADDifT_Style_SD1.5")
+    vals = dict(zip(ui.input_names, out[1:1 + len(ui.input_names)]))
+    assert [upd(vals[n])["label"] for n in ("original_prompt", "target_prompt", "original_image", "target_image")] \
+        == SIDES
+    out = ui.load_preset("Difference_Use2ndPass")
+    vals = dict(zip(ui.input_names, out[1:1 + len(ui.input_names)]))
+    assert upd(vals["original_image"])["label"] == "Original image" and "value" not in upd(vals["original_image"])
 
 
 def test_load_a_shipped_preset_fills_every_widget(ui):

@@ -47,6 +47,26 @@ QUEUE_HEADERS = ["Job", "Name", "Mode", "Status", "Result", "Model"]
 #: they belong to the user's job, not to the recipe (shipped presets carry "model": "", "lora_data_directory": "").
 PRESET_KEEPS = ("lora_data_directory", "save_lora_name")
 IMAGE_LABELS = {"original_image": "Original image", "target_image": "Target image"}
+#: Slider modes: the LoRA at + strength adds the target's difference, at − it takes it away (the original labels
+#: the two sides −/+ there, which its users asked for)
+SIDE_MODES = ("ADDifT", "Multi-ADDifT")
+SIDE_WIDGETS = ("original_prompt", "target_prompt", "original_image", "target_image")
+_PLAIN_LABELS = {"original_prompt": "Original prompt", "target_prompt": "Target prompt (iLECO: empty = erase)",
+                 **IMAGE_LABELS}
+_SIDE_LABELS = {"original_prompt": "Original prompt (− side)", "target_prompt": "Target prompt (+ side)",
+                "original_image": "Original image (− side)", "target_image": "Target image (+ side)"}
+
+
+def side_labels(mode: str) -> dict[str, str]:
+    """The labels of the prompt and image widgets in ``mode``: with their −/+ side in the slider modes."""
+    return dict(_SIDE_LABELS if mode in SIDE_MODES else _PLAIN_LABELS)
+
+
+def _setting_label(s: Setting, mode: str) -> str:
+    # Multi-ADDifT: the suffix marks the + side image of each pair (the one without it is the − side)
+    if s.name == "diff_target_name" and mode == "Multi-ADDifT":
+        return f"{s.label} (marks the + side image; the image without it is the − side)"
+    return s.label
 POLL_SECONDS = 1.0
 #: Shown under the Stop buttons: what each does (the original kept running the queue; ours can do both)
 STOP_HELP = ("**Stop and save** ends the running job at its next step and saves what it trained as "
@@ -242,24 +262,32 @@ class TrainTrainUI:
         defaults = {s.name: s.default for s in PASS1}
         for s in PASS1:
             value = getattr(cfg, s.name)
+            label = {"label": _setting_label(s, cfg.mode)} if s.name == "diff_target_name" else {}
             if s.name in PRESET_KEEPS and (value in ("", None) or value == defaults[s.name]):
-                out.append(_upd(visible=s.visible_in(cfg.mode)))
+                out.append(_upd(visible=s.visible_in(cfg.mode), **label))
             else:
-                out.append(_upd(value=_ui_value(s, value), visible=s.visible_in(cfg.mode)))
+                out.append(_upd(value=_ui_value(s, value), visible=s.visible_in(cfg.mode), **label))
         out += [_upd(value=_ui_value(s, getattr(second, s.name))) for s in PASS2]
-        out += [_upd(value=cfg.original_prompt), _upd(value=cfg.target_prompt), _upd(value=cfg.negative_prompt)]
+        labels = side_labels(cfg.mode)
+        out += [_upd(value=cfg.original_prompt, label=labels["original_prompt"]),
+                _upd(value=cfg.target_prompt, label=labels["target_prompt"]), _upd(value=cfg.negative_prompt)]
         for attr in ("original_image", "target_image"):
             path = getattr(cfg, attr)
-            out.append(_upd(value=path) if path and Path(path).is_file() else _no_change())
+            keep = {"value": path} if path and Path(path).is_file() else {}
+            out.append(_upd(label=labels[attr], **keep))
         return out
 
     # ------------------------------------------------------------------------------------
     # Handlers (plain methods; build() wires them)
     # ------------------------------------------------------------------------------------
     def change_mode(self, mode: str) -> list:
-        """Visibility of every pass-1 widget, then the 2nd-pass panel, the prompt group, the image group."""
+        """Visibility of every pass-1 widget, the labels of the SIDE_WIDGETS (−/+ in slider modes), then the
+        2nd-pass panel, the prompt group, the image group (the groups last: load_preset takes those three)."""
         mode = mode if mode in MODES else "LoRA"
-        out = [_upd(visible=s.visible_in(mode)) for s in PASS1]
+        out = [_upd(visible=s.visible_in(mode), label=_setting_label(s, mode)) if s.name == "diff_target_name"
+               else _upd(visible=s.visible_in(mode)) for s in PASS1]
+        labels = side_labels(mode)
+        out += [_upd(label=labels[name]) for name in SIDE_WIDGETS]
         out += [_upd(visible=mode == "Difference"), _upd(visible=mode in PROMPT_MODES),
                 _upd(visible=mode in PAIR_MODES)]
         return out
@@ -687,7 +715,8 @@ class TrainTrainUI:
     def _widget(self, s: Setting, prefix: str, mode: str, value: Any = None):
         value = _ui_value(s, s.default if value is None else value)
         help_text = s.help_ja if self.lang == "ja" else s.help_en
-        common = dict(label=s.label, elem_id=f"{prefix}{s.name}", info=help_text,
+        common = dict(label=s.label if prefix == "tt2_" else _setting_label(s, mode), elem_id=f"{prefix}{s.name}",
+                      info=help_text,
                       visible=prefix == "tt2_" or s.visible_in(mode))
         if s.widget == "dropdown":
             return _make(gr.Dropdown, choices=_choices(s), value=value, allow_custom_value=not s.strict_choices
@@ -803,9 +832,9 @@ class TrainTrainUI:
             w["vae_refresh"] = _make(gr.Button, "Refresh", elem_id="tt_vae_refresh", size="sm", elem_classes=["tt-tool"])
         with _make(gr.Column, visible=mode in PROMPT_MODES, elem_id="tt_prompts") as w["prompt_group"]:
             with gr.Row():
-                w["original_prompt"] = _make(gr.Textbox, label="Original prompt", lines=2,
+                w["original_prompt"] = _make(gr.Textbox, label=side_labels(mode)["original_prompt"], lines=2,
                                              elem_id="tt_original_prompt")
-                w["target_prompt"] = _make(gr.Textbox, label="Target prompt (iLECO: empty = erase)", lines=2,
+                w["target_prompt"] = _make(gr.Textbox, label=side_labels(mode)["target_prompt"], lines=2,
                                            elem_id="tt_target_prompt")
                 w["negative_prompt"] = _make(gr.Textbox, label="Negative prompt", lines=2,
                                              elem_id="tt_negative_prompt")
@@ -821,10 +850,10 @@ class TrainTrainUI:
             with gr.Row():
                 # type="pil", not "filepath": Forge replaces gradio 4's save_pil_to_cache with a function
                 # without its name= argument, so a "filepath" image fails in gradio before any handler runs
-                w["original_image"] = _make(gr.Image, label="Original image", type="pil", image_mode="RGBA",
-                                            elem_id="tt_original_image")
-                w["target_image"] = _make(gr.Image, label="Target image", type="pil", image_mode="RGBA",
-                                          elem_id="tt_target_image")
+                w["original_image"] = _make(gr.Image, label=side_labels(mode)["original_image"], type="pil",
+                                            image_mode="RGBA", elem_id="tt_original_image")
+                w["target_image"] = _make(gr.Image, label=side_labels(mode)["target_image"], type="pil",
+                                          image_mode="RGBA", elem_id="tt_target_image")
                 for attr in IMAGE_LABELS:
                     _guard_preprocess(w[attr], IMAGE_LABELS[attr])
         pass1: dict[str, Any] = {}
@@ -861,7 +890,8 @@ class TrainTrainUI:
     def _wire(self, blocks, w: dict) -> None:
         settings = w["settings"]
         queue_out = [w["message"], w["queue_table"], w["job_choice"]]
-        visibility = w["pass1"] + [w["second_group"], w["prompt_group"], w["image_group"]]
+        visibility = (w["pass1"] + [w[name] for name in SIDE_WIDGETS]
+                      + [w["second_group"], w["prompt_group"], w["image_group"]])
         w["mode"].change(self.change_mode, inputs=[w["mode"]], outputs=visibility)
         w["start"].click(self.start, inputs=settings, outputs=queue_out)
         w["queue_add"].click(self.add_to_queue, inputs=settings, outputs=queue_out)
