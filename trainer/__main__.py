@@ -59,6 +59,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint file or diffusers folder; empty: the tiny built-in model")
     p.add_argument("--vae", default=None, help="separate VAE file (optional)")
     p.add_argument("--model-dir", type=Path, default=None, help="folder to look for --model and --vae names in")
+    p.add_argument("--embeddings-dir", type=Path, default=None,
+                   help="folder of textual-inversion embeddings (.safetensors) whose names prompts and captions may use")
     p.add_argument("--data", default=None, help="image folder (sets lora_data_directory)")
     p.add_argument("--original-prompt", default=None)
     p.add_argument("--target-prompt", default=None)
@@ -132,6 +134,8 @@ def cmd_train(args) -> int:
         check_settings(cfg)  # optimizer / scheduler arguments, network_resume
         components = load_components(cfg.model or None, cfg.vae or None, model_dir=args.model_dir,
                                      v_pred=cfg.model_v_pred or None)
+        if args.embeddings_dir:
+            components.embeddings = _embeddings(args.embeddings_dir)
     except (HostError, NotImplementedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -168,6 +172,20 @@ def cmd_train(args) -> int:
     if ctrl_c.pressed:
         return 130
     return 0 if result.ok else 1
+
+
+def _embeddings(folder):
+    """--embeddings-dir read; pickled files are named once here (a prompt using one is refused later)."""
+    from .models.embeddings import load_embeddings_dir
+
+    try:
+        embeddings = load_embeddings_dir(folder)
+    except ValueError as e:
+        raise ValueError(f"--embeddings-dir {folder}: {e}") from None
+    if embeddings.refused:
+        print(f"--embeddings-dir: not read (pickles; only .safetensors are): {', '.join(sorted(embeddings.refused))}",
+              file=sys.stderr)
+    return embeddings
 
 
 class _CtrlCStops:
@@ -278,6 +296,7 @@ def cmd_ui(args) -> int:
         return 2
     _console_logging()
     host = StandaloneHost(args.workdir, model_dir=args.model_dir, lora_dir=args.lora_dir)
+    host.embeddings_dir = args.embeddings_dir
     where = "0.0.0.0 (all interfaces)" if args.listen else "127.0.0.1"
     print(f"TrainTrain UI on {where}:{args.port}; LoRAs go to {host.paths().lora_dir}", file=sys.stderr)
     if args.listen and auth is None:
@@ -335,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ui", help="serve the TrainTrain tab in a browser (standalone)")
     p.add_argument("--model-dir", type=Path, default=None, help="folder of checkpoints for the Model list")
     p.add_argument("--lora-dir", type=Path, default=None, help="where LoRA files go (default: WORKDIR/output)")
+    p.add_argument("--embeddings-dir", type=Path, default=None,
+                   help="folder of textual-inversion embeddings (.safetensors) whose names prompts and captions may use")
     p.add_argument("--workdir", type=Path, default=Path("."), help="where logs/, jsons/, presets/, cache/ go")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="serve on all interfaces, not only 127.0.0.1")

@@ -16,6 +16,11 @@
   ``clip_skip`` before the last of both encoders, no final norm, concatenated
   (768 + 1280), and ``pooled`` = text projection of encoder 2's final-normed last layer
   at the first chunk's EOS token.
+* Textual-inversion embeddings (``components.embeddings``, set by the host): an embedding's name in a
+  prompt becomes its N vectors, N positions of the chunk (never split across chunks), by replacing
+  the token-embedding output at placeholder ids; the vectors are frozen.
+* ``clip_skip`` 1 (the default) follows the host's CLIP skip (``components.host_clip_skip``: the
+  Web-UI's option when hosted); a larger value overrides it.
 
 Everything is differentiable: the text-encoder LoRA trains through it.
 """
@@ -34,6 +39,8 @@ CHUNK = 75
 COMMA_ID = 267  # ",</w>"
 COMMA_BACKTRACK = 20
 BREAK = "BREAK"
+# ids from here up stand for embedding vectors (row = id - PLACEHOLDER); far above any CLIP vocabulary
+PLACEHOLDER = 1 << 24
 
 _TOKEN_RE = re.compile(
     r"\\[()\[\]\\]"  # escaped bracket or backslash
@@ -104,10 +111,64 @@ def parse_emphasis(text: str) -> list:
     return merged or [("", 1.0)]
 
 
-def chunk_prompt(tokenizer, text: str, emphasis: bool = True) -> list:
+class EmbeddingVocab:
+    """Names of the embeddings a prompt may use -> (first placeholder row, vector count)."""
+
+    def __init__(self, embeddings):
+        self.embeddings = embeddings
+        self.rows: dict = {}
+        start = 0
+        for name in sorted(embeddings.vectors):
+            vec = embeddings.vectors[name]
+            t = next(iter(vec.values())) if isinstance(vec, dict) else vec
+            n = 1 if t.dim() == 1 else int(t.shape[0])
+            self.rows[name.lower()] = (name, start, n)
+            start += n
+        names = sorted({*self.rows, *(r.lower() for r in embeddings.refused)}, key=len, reverse=True)
+        # a name counts where it stands as a word: CLIP reads it case-insensitively, as the Web-UI matches it
+        self._re = (re.compile("(?<![\\w])(" + "|".join(re.escape(n) for n in names) + ")(?![\\w])", re.IGNORECASE)
+                    if names else None)
+        self._refused = {k.lower(): v for k, v in embeddings.refused.items()}
+
+    def split(self, text: str) -> list:
+        """``[(text, None) | (name, (start, n)), ...]``"""
+        if self._re is None:
+            return [(text, None)]
+        out, pos = [], 0
+        for m in self._re.finditer(text):
+            key = m.group(1).lower()
+            if key in self._refused:
+                raise ValueError(self._refused[key])
+            if m.start() > pos:
+                out.append((text[pos:m.start()], None))
+            name, start, n = self.rows[key]
+            out.append((name, (start, n)))
+            pos = m.end()
+        if pos < len(text) or not out:
+            out.append((text[pos:], None))
+        return out
+
+    def table(self, encoder: int, n_encoders: int, dim: int, used: set) -> torch.Tensor:
+        """[rows, dim] vectors of text encoder ``encoder``; only the ``used`` rows are checked and filled."""
+        from .embeddings import vectors_for
+
+        total = sum(n for _, _, n in self.rows.values())
+        out = torch.zeros(total, dim)
+        for name, start, n in self.rows.values():
+            if any(start <= r < start + n for r in used):
+                out[start:start + n] = vectors_for(self.embeddings.vectors[name], encoder, n_encoders, dim, name)
+        return out
+
+
+def _vocab(components) -> Optional[EmbeddingVocab]:
+    emb = getattr(components, "embeddings", None)
+    return EmbeddingVocab(emb) if emb else None
+
+
+def chunk_prompt(tokenizer, text: str, emphasis: bool = True, vocab: Optional[EmbeddingVocab] = None) -> list:
     """Token ids and weights of one prompt in chunks of at most 75: ``[(ids, weights), ...]``.
     ``emphasis`` False reads the text literally (brackets are words, every weight 1, no BREAK), as
-    kohya and the original TrainTrain read captions."""
+    kohya and the original TrainTrain read captions. ``vocab``: embedding names become placeholder ids."""
     chunks: list = []
     ids: list = []
     ws: list = []
@@ -122,7 +183,17 @@ def chunk_prompt(tokenizer, text: str, emphasis: bool = True) -> list:
         if text_part == BREAK and weight == -1.0:
             close()
             continue
-        for tid in tokenize(tokenizer, text_part):
+        for tid in _token_stream(tokenizer, text_part, vocab):
+            if isinstance(tid, tuple):  # an embedding's (first row, count): its vectors stay in one chunk
+                start, n = tid
+                if ids and len(ids) + n > CHUNK:
+                    close()
+                for r in range(n):
+                    if len(ids) == CHUNK:
+                        close()
+                    ids.append(PLACEHOLDER + start + r)
+                    ws.append(weight)
+                continue
             if len(ids) == CHUNK:
                 if last_comma >= 0 and CHUNK - (last_comma + 1) <= COMMA_BACKTRACK:
                     keep = last_comma + 1
@@ -141,6 +212,18 @@ def chunk_prompt(tokenizer, text: str, emphasis: bool = True) -> list:
     return chunks
 
 
+def _token_stream(tokenizer, text: str, vocab: Optional[EmbeddingVocab]):
+    """Token ids of ``text``, with ``(start, n)`` in place of an embedding's name."""
+    if vocab is None:
+        yield from tokenize(tokenizer, text)
+        return
+    for piece, emb in vocab.split(text):
+        if emb is not None:
+            yield emb
+        elif piece:
+            yield from tokenize(tokenizer, piece)
+
+
 def _chunk_tensors(chunk: tuple, pad_id: int) -> tuple:
     ids, ws = chunk
     n = len(ids)
@@ -149,10 +232,11 @@ def _chunk_tensors(chunk: tuple, pad_id: int) -> tuple:
     return full_ids, full_ws
 
 
-def tokenize_batch(tokenizer, prompts: Sequence[str], emphasis: bool = True) -> tuple:
+def tokenize_batch(tokenizer, prompts: Sequence[str], emphasis: bool = True,
+                   vocab: Optional[EmbeddingVocab] = None) -> tuple:
     """``(ids [B, k, 77] long, weights [B, k, 77] float)`` with all prompts padded to k chunks."""
     pad_id = int(tokenizer.pad_token_id)
-    per_prompt = [chunk_prompt(tokenizer, p, emphasis) for p in prompts]
+    per_prompt = [chunk_prompt(tokenizer, p, emphasis, vocab) for p in prompts]
     k = max(len(c) for c in per_prompt)
     all_ids, all_ws = [], []
     for chunks in per_prompt:
@@ -185,13 +269,35 @@ def _layer_index(family: Family, te, clip_skip: int) -> int:
 
 
 def _encode_one(te, family: Family, ids: torch.Tensor, ws: torch.Tensor, clip_skip: int,
-                final_norm: bool, want_pooled: bool) -> tuple:
+                final_norm: bool, want_pooled: bool, vocab: Optional[EmbeddingVocab] = None,
+                encoder: int = 0, n_encoders: int = 1) -> tuple:
     """ids/ws [B, k, 77] -> (hidden [B, 77k, dim], pooled [B, proj] | None)."""
     param = next(te.parameters())
     B, k, L = ids.shape
     layer = _layer_index(family, te, clip_skip)
     core = _text_core(te)
-    out = te(input_ids=ids.reshape(B * k, L).to(param.device), output_hidden_states=True)
+    flat = ids.reshape(B * k, L).to(param.device)
+    slots = flat >= PLACEHOLDER
+    if vocab is None or not bool(slots.any()):
+        out = te(input_ids=flat, output_hidden_states=True)
+    else:
+        # Textual inversion: the token embedding's output at the placeholder positions becomes the
+        # embedding's vectors (detached: frozen); the vocabulary itself is left as it is.
+        token_embedding = core.embeddings.token_embedding
+        rows = flat[slots] - PLACEHOLDER
+        table = vocab.table(encoder, n_encoders, token_embedding.embedding_dim, set(rows.tolist()))
+        vectors = table.to(param.device)[rows]
+
+        def inject(_module, _inputs, output):
+            output = output.clone()
+            output[slots] = vectors.to(output.dtype)
+            return output
+
+        handle = token_embedding.register_forward_hook(inject)
+        try:
+            out = te(input_ids=torch.where(slots, torch.zeros_like(flat), flat), output_hidden_states=True)
+        finally:
+            handle.remove()
     z = out.hidden_states[layer]
     if final_norm:
         z = core.final_layer_norm(z)
@@ -225,15 +331,18 @@ def encode_prompts(components, prompts: Union[str, Sequence[str]], clip_skip: in
         raise ValueError("encode_prompts: no prompts")
     if clip_skip < 1:
         raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
+    if clip_skip == 1:  # the default follows the host (the Web-UI's CLIP skip option); more overrides it
+        clip_skip = int(getattr(components, "host_clip_skip", None) or 1)
+    vocab = _vocab(components)
     family = components.info.family
     if family is Family.SDXL:
-        tensors = [tokenize_batch(tok, prompts, emphasis) for tok in components.tokenizers]
+        tensors = [tokenize_batch(tok, prompts, emphasis, vocab) for tok in components.tokenizers]
         k = max(t[0].shape[1] for t in tensors)
         if any(t[0].shape[1] != k for t in tensors):  # pad ids differ, chunking does not; guard anyway
             raise RuntimeError("SDXL tokenizers produced different chunk counts")
-        h1, _ = _encode_one(components.text_encoders[0], family, *tensors[0], clip_skip, False, False)
-        h2, pooled = _encode_one(components.text_encoders[1], family, *tensors[1], clip_skip, False, True)
+        h1, _ = _encode_one(components.text_encoders[0], family, *tensors[0], clip_skip, False, False, vocab, 0, 2)
+        h2, pooled = _encode_one(components.text_encoders[1], family, *tensors[1], clip_skip, False, True, vocab, 1, 2)
         return Conditioning(torch.cat([h1, h2.to(h1.dtype)], dim=-1), pooled)
-    ids, ws = tokenize_batch(components.tokenizers[0], prompts, emphasis)
-    hidden, _ = _encode_one(components.text_encoders[0], family, ids, ws, clip_skip, True, False)
+    ids, ws = tokenize_batch(components.tokenizers[0], prompts, emphasis, vocab)
+    hidden, _ = _encode_one(components.text_encoders[0], family, ids, ws, clip_skip, True, False, vocab)
     return Conditioning(hidden, None)
