@@ -423,3 +423,76 @@ def test_a_second_webui_on_one_install_keeps_its_own_queue_and_says_so(webui, tm
         owner.stdin.close()
         owner.wait(10)
     assert not (shared_jsons / "queue.json").exists()  # the first one's queue was never written by the second
+
+
+def test_the_webuis_clip_skip_conditions_prompts_as_our_clip_skip_does(webui, tmp_path):
+    """The Web-UI's Clip skip option (opts.CLIP_stop_at_last_layers) is followed while our clip_skip is 1,
+    exactly as our clip_skip=2 would encode; our clip_skip above 1 overrides it."""
+    from modules import shared
+
+    from trainer.config import Config
+    from trainer.models.prompts import encode_prompts
+    from trainer.models.tiny import tiny_components
+
+    ours = tiny_components()
+    with torch.no_grad():
+        skip1 = encode_prompts(ours, "a red circle", clip_skip=1).hidden
+        skip2 = encode_prompts(ours, "a red circle", clip_skip=2).hidden
+    assert not torch.allclose(skip1, skip2)
+    for option, ours_setting, want in [(2, 1, skip2), (1, 1, skip1), (1, 2, skip2)]:
+        shared.opts.CLIP_stop_at_last_layers = option
+        control = _Control()
+        with _host(tmp_path).session(Config.defaults(), control) as comps, torch.no_grad():
+            got = encode_prompts(comps, "a red circle", clip_skip=ours_setting).hidden
+        assert torch.allclose(got, want, atol=1e-6), (option, ours_setting)
+    shared.opts.CLIP_stop_at_last_layers = 1
+
+
+def _register_embedding(name, n=3):
+    from modules import sd_hijack
+
+    from trainer.models.tiny import tiny_components
+
+    te = tiny_components().text_encoders[0]
+    dim = getattr(te, "text_model", te).embeddings.token_embedding.embedding_dim
+    vec = torch.randn(n, dim, generator=torch.Generator().manual_seed(3))
+    sd_hijack.model_hijack.embedding_db.register_embedding(sd_hijack.Embedding(vec, name))
+    return vec
+
+
+def test_a_webui_embedding_in_a_prompt_encodes_to_its_vectors(webui, tmp_path):
+    from test_embeddings import grown_vocabulary_hidden
+
+    from trainer.config import Config
+    from trainer.models.prompts import encode_prompts
+
+    vec = _register_embedding("webemb")
+    control = _Control()
+    with _host(tmp_path).session(Config.defaults(), control) as comps, torch.no_grad():
+        got = encode_prompts(comps, "a photo of webemb cat").hidden
+        want = grown_vocabulary_hidden(comps.text_encoders[0], comps.tokenizers[0], "a photo of", vec, "cat", -1, True)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert any("1 textual-inversion embedding(s)" in line for line in control.lines)
+
+
+def test_an_ileco_job_with_a_webui_embedding_in_its_prompt_trains(webui, tmp_path):
+    from trainer.config import Config
+    from trainer.jobs import DONE, JobQueue, host_runner
+    from trainer.networks.files import load_network_file
+
+    _register_embedding("webemb")
+    host = _host(tmp_path)
+    q = JobQueue(tmp_path / "ext" / "jsons", host_runner(host))
+    cfg = Config.load_preset(ROOT / "presets" / "iLECO.json").replace(
+        original_prompt="webemb, cat", target_prompt="dog").with_overrides({
+            "image_size": "64", "train_iterations": 3, "train_model_precision": "fp32", "network_rank": 4,
+            "save_lora_name": "webui_emb", "train_batch_size": 1, "save_as_json": False})
+    q.add(cfg)
+    q.start()
+    assert q.wait(300)
+    job = q.jobs()[0]
+    assert job.status == DONE, job.message
+    tensors, meta = load_network_file(tmp_path / "models" / "Lora" / "webui_emb.safetensors")
+    assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+    assert any(k.endswith("lora_up.weight") and t.abs().sum() > 0 for k, t in tensors.items())  # it learned
+    assert "original prompt: webemb, cat" in meta["ss_training_comment"]

@@ -978,8 +978,11 @@ ADDED_SETTINGS: tuple[Setting, ...] = (
          addition=True),
     _row("clip_skip", "text", int, 1, "L,I,D1,D2,A,M",
          "Use the text-encoder output this many layers from the end (2 for most anime models). "
-         "SD2 always uses the penultimate layer.",
-         "Text Encoderの最後から何層目の出力を使うか(アニメ系モデルは2が多い)。SD2は常に最後から2層目。",
+         "SD2 always uses the penultimate layer. Inside the Web-UI, 1 follows the Web-UI's Clip skip option for SD1 models "
+         "(Settings > Stable Diffusion), as the original did; 2 or more overrides it.",
+         "Text Encoderの最後から何層目の出力を使うか(アニメ系モデルは2が多い)。SD2は常に最後から2層目。"
+         "Web-UI内ではSD1モデルで1のときWeb-UIのClip skip設定(設定 > Stable Diffusion)に従います(元のTrainTrainと同じ)。"
+         "2以上ならそちらが優先されます。",
          min=1, max=12, addition=True),
     _row("leco_objective", "radio", str, "iLECO", "I",
          "iLECO objective: iLECO (the fast original), erase or enhance (the full LECO objective with guidance).",

@@ -11,7 +11,10 @@
   training holds ``call_queue.queue_lock`` so no generation runs meanwhile;
 - progress in ``shared.state`` (job, job_count, sampling_step/steps, textinfo) and its Interrupt
   (``shared.state.interrupted``) stopping the training at the next step;
-- LoRAs saved to ``shared.cmd_opts.lora_dir`` (the Web-UI's Lora folder).
+- LoRAs saved to ``shared.cmd_opts.lora_dir`` (the Web-UI's Lora folder);
+- prompts encoded as the Web-UI encodes them: its CLIP skip option (``opts.CLIP_stop_at_last_layers``,
+  SD1 models, followed while our ``clip_skip`` is 1) and its loaded textual-inversion embeddings
+  (``sd_hijack.model_hijack.embedding_db.word_embeddings``), both read when a job starts.
 
 Forge keeps no LDM-layout model (``forge_objects``; a ``FakeInitialModel`` before the first generation):
 there the checkpoint chosen in the header (``sd_models.select_checkpoint``) is read from its file, Forge's
@@ -62,6 +65,47 @@ def _file_configs(path: str):
         return loading._configs_from_metadata(loading.read_safetensors_metadata(path), Path(path))
     except (OSError, ValueError):
         return None
+
+
+def webui_embeddings():
+    """The Web-UI's loaded textual-inversion embeddings as trainer.models.embeddings.Embeddings (their
+    ``vec``: [N, dim], or SDXL {clip_l, clip_g}); empty where the Web-UI keeps none (Forge builds may not)."""
+    from ..models.embeddings import Embeddings
+
+    out = Embeddings()
+    try:
+        from modules import sd_hijack
+    except ImportError:
+        return out
+    db = getattr(getattr(sd_hijack, "model_hijack", None), "embedding_db", None)
+    for name, emb in dict(getattr(db, "word_embeddings", None) or {}).items():
+        vec = getattr(emb, "vec", None)
+        if vec is None:
+            continue
+        out.vectors[name] = ({k: v.detach().to("cpu", copy=True).float() for k, v in vec.items()}
+                             if isinstance(vec, dict) else vec.detach().to("cpu", copy=True).float())
+        out.source[name] = str(getattr(emb, "filename", name))
+    return out
+
+
+def webui_conditioning(components, control=None):
+    """Give our prompt encoding the Web-UI's CLIP skip and embeddings (as its own generation uses them)."""
+    from ..models.embeddings import attach
+
+    shared, _, _, _ = _modules()
+    try:
+        skip = int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
+    except (TypeError, ValueError):
+        skip = 1
+    from ..models.families import Family
+
+    if components.info.family is not Family.SD1:
+        skip = 1  # A1111's SD2 / SDXL text stacks use a fixed layer whatever the option says
+    embeddings = webui_embeddings()
+    if control is not None and (skip > 1 or embeddings.vectors):
+        control.log(f"Web-UI conditioning: CLIP skip {skip} (our clip_skip above 1 overrides it), "
+                    f"{len(embeddings.vectors)} textual-inversion embedding(s)")
+    return attach(components, embeddings, skip)
 
 
 def _has_networks_applied(model) -> bool:
@@ -160,6 +204,7 @@ class WebUIHost:
             moved: list = []  # set as soon as the model is moved, so an error after that still restores it
             try:
                 components = self._components(cfg, model, control, moved)
+                webui_conditioning(components, control)
                 yield components
             finally:
                 components = None
