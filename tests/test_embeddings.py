@@ -151,3 +151,24 @@ def test_cli_embeddings_dir_trains_with_the_embedding_and_refuses_a_pickle_by_na
     err = capsys.readouterr().err
     assert rc == 2 and "oldstyle.pt is a pickle" in err and "Traceback" not in err
     assert not (tmp_path / "c" / "output" / "pickled.safetensors").exists()
+
+
+def test_the_standalone_app_host_reads_its_embeddings_dir(tmp_path):
+    """`python -m trainer ui --embeddings-dir` sets the host's folder; every job's model gets its embeddings."""
+    from trainer.config import Config
+    from trainer.jobs import StandaloneHost
+
+    dim = _dim(tiny_components().text_encoders[0])
+    vec = _write_embeddings(tmp_path / "emb", dim)
+    host = StandaloneHost(tmp_path)
+    host.embeddings_dir = tmp_path / "emb"
+    lines = []
+
+    class Control:
+        log = staticmethod(lines.append)
+
+    with host.session(Config.defaults(), Control()) as comps, torch.no_grad():
+        got = encode_prompts(comps, "mystyle").hidden
+        want = grown_vocabulary_hidden(comps.text_encoders[0], comps.tokenizers[0], "", vec, "", -1, True)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert lines == ["embeddings_dir: not read (pickles; only .safetensors are): oldstyle"]
