@@ -706,3 +706,59 @@ def test_the_standalone_entry_prints_the_queues_lines_to_the_console(tmp_path, m
     for line in ("TrainTrain: job 1 (c, LoRA) started", "caption of a.png cut at 75 tokens",
                  "RuntimeError: boom", "TrainTrain: job 1 (c) failed: Error: boom"):
         assert line in r.stderr, r.stderr
+
+
+SDXL_BLOCKS = ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)]
+
+
+@pytest.fixture()
+def family_models(tmp_path):
+    """Model files with only what family detection reads (header-only: the probe key's shape, or our metadata):
+    an SDXL and an SD1 checkpoint as their files name the cross-attention, one of our saves, and a pickle."""
+    import torch
+    from safetensors.torch import save_file
+
+    from trainer.models.families import LDM_PROBE_KEY
+
+    models = tmp_path / "models"
+    models.mkdir()
+    save_file({LDM_PROBE_KEY: torch.zeros(2, 2048)}, str(models / "xl.safetensors"))
+    save_file({LDM_PROBE_KEY: torch.zeros(2, 768)}, str(models / "sd15.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(models / "ours_xl.safetensors"),
+              metadata={"traintrain.configs": json.dumps({"family": "sdxl"})})
+    (models / "old.ckpt").write_bytes(b"not read: a pickle is read whole, so the list stays SD1.5's")
+    host = StandaloneHost(tmp_path, model_dir=models)
+    u = TrainTrainUI(host)
+    u.build()
+    yield u
+    u.queue.wait(60)
+
+
+def test_the_block_list_shows_the_chosen_models_family_and_keeps_the_ticks(family_models):
+    ui = family_models
+    every_sd1 = list(BLOCK_IDS)
+    # every block ticked on SD1.5's list -> every SDXL block; a partial tick keeps the IDs SDXL has
+    b1, b2, shown = ui.change_model("xl.safetensors", every_sd1, ["BASE", "IN04", "IN10", "OUT02", "OUT11"],
+                                    every_sd1)
+    assert upd(b1) == {"choices": SDXL_BLOCKS, "value": SDXL_BLOCKS} and shown == SDXL_BLOCKS
+    assert upd(b2) == {"choices": SDXL_BLOCKS, "value": ["BASE", "IN04", "OUT02"]}
+    assert upd(ui.change_model("ours_xl.safetensors", SDXL_BLOCKS[:3], None, shown)[0])["value"] == SDXL_BLOCKS[:3]
+    # back on SD1.5: every SDXL block ticked is every block again; a pickle or a missing file: SD1.5's list
+    for model in ("sd15.safetensors", "old.ckpt", "gone.safetensors", ui.host.TINY_LABEL):
+        b1, b2, shown2 = ui.change_model(model, SDXL_BLOCKS, ["IN04"], SDXL_BLOCKS)
+        assert upd(b1) == {"choices": every_sd1, "value": every_sd1}, model
+        assert upd(b2)["value"] == ["IN04"] and shown2 == every_sd1
+    # a partial SD1.5 selection on another SD1.5 model stays exactly as ticked
+    assert upd(ui.change_model("sd15.safetensors", SDXL_BLOCKS, None, every_sd1)[0])["value"] == SDXL_BLOCKS
+
+
+def test_a_preset_loaded_with_an_sdxl_model_chosen_shows_sdxl_blocks(family_models):
+    ui = family_models
+    out = ui.load_preset("LoRA", "xl.safetensors")  # the shipped preset's SD1.5 list: every block
+    vals = dict(zip(ui.input_names, out[1:1 + len(ui.input_names)]))
+    for key in ("1:network_blocks", "2:network_blocks"):
+        assert upd(vals[key])["choices"] == SDXL_BLOCKS and upd(vals[key])["value"] == SDXL_BLOCKS
+    assert upd(ui.load_preset("LoRA", "sd15.safetensors")[1 + ui.input_names.index("1:network_blocks")])["value"] \
+        == list(BLOCK_IDS)
+    by_id = {getattr(c, "elem_id", None): c for c in ui.blocks.blocks.values()}
+    assert ui.host.default_model() == "old.ckpt" and len(by_id["tt_network_blocks"].choices) == len(BLOCK_IDS)

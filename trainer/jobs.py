@@ -733,6 +733,22 @@ class StandaloneHost:
     def model_label(self, value: str | None) -> str:
         return self.TINY_LABEL if not value else value
 
+    def model_family(self, label: str | None):
+        """The family of a Model-list entry from its file's header only (the tab's block list); None when it
+        cannot be told cheaply (a .ckpt, a missing file)."""
+        from .models.families import Family
+        from .models.loading import peek_family
+
+        if not label or label == self.TINY_LABEL:
+            return Family.SD1  # the built-in test model
+        try:
+            from .host.standalone import resolve_model_path
+
+            path = resolve_model_path(label, self.model_dir)
+        except ValueError:  # HostError: not found
+            return None
+        return peek_family(path) if path is not None else None
+
     @contextlib.contextmanager
     def session(self, cfg: Config, control: RunControl) -> Iterator[Any]:
         from .host.standalone import load_components

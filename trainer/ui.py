@@ -28,6 +28,7 @@ import gradio as gr
 
 from .atomic import atomic_write
 from .config import (
+    BLOCK_IDS,
     MODES,
     SETTINGS,
     Config,
@@ -102,6 +103,11 @@ def _no_change() -> dict:
     return gr.update()
 
 
+def _plain(update: dict) -> dict:
+    """An update's fields without gradio's type marker (to add fields to it)."""
+    return {k: v for k, v in dict(update).items() if k != "__type__"}
+
+
 def _ui_value(s: Setting, value: Any) -> Any:
     """A typed setting value as its widget shows it."""
     v = s.format(value)
@@ -116,6 +122,27 @@ def _choices(s: Setting) -> list | None:
     if s.choices is None:
         return None
     return [str(x) for x in s.format(s.choices)] if s.widget == "checkgroup" else [s.format(c) for c in s.choices]
+
+
+def _fit_blocks(value: Sequence[str] | None, ids: Sequence[str], shown: Sequence[str] | None = None) -> list[str]:
+    """A block selection put on a list of ``ids``: every block of the list it was ticked on (``shown``; unknown:
+    a family's complete list, e.g. a shipped preset's SD1.5 26) means every block of the new list; otherwise the
+    ticked IDs that still exist stay ticked, in the list's order."""
+    value = list(value or [])
+    full = set(value) == set(shown) if shown else (not set(value) <= set(ids) and _is_full_family_list(value))
+    if value and full:
+        return list(ids)
+    return [b for b in ids if b in value]
+
+
+def _is_full_family_list(value: Sequence[str]) -> bool:
+    from .models.families import Family
+    from .networks.targets import family_block_ids
+
+    try:
+        return any(set(value) == set(family_block_ids(f)) for f in Family)
+    except Exception:  # noqa: BLE001 - a config that cannot be read: no family list to compare with
+        return False
 
 
 def _hms(seconds: float | None) -> str:
@@ -144,6 +171,7 @@ class TrainTrainUI:
         weakref.finalize(self, shutil.rmtree, str(self._live_dir), True)
         self.blocks = None
         self.widgets: dict[str, Any] = {}
+        self._initial_blocks: tuple = tuple(BLOCK_IDS)  # the default model's blocks, set by build()
         # held while a prompt preview or a Try it grid is drawn: one at a time, and no training meanwhile
         self._drawing = threading.Lock()
 
@@ -249,8 +277,9 @@ class TrainTrainUI:
             except ValueError as e:
                 raise SettingError(_name_uploads(str(e), cfg)) from None
 
-    def config_updates(self, cfg: Config) -> list:
-        """Updates for every settings widget (input_names order) showing ``cfg``, with the visibility of its mode."""
+    def config_updates(self, cfg: Config, model: str | None = None) -> list:
+        """Updates for every settings widget (input_names order) showing ``cfg``, with the visibility of its mode.
+        ``model``: the Model list's entry now (the preset's own when it sets one): the block lists show its blocks."""
         second = cfg.second_pass or cfg
         # an empty model / VAE means "not set here": the user's choice stays (never the tiny test model)
         out = [_upd(value=cfg.mode), _no_change(), _no_change()]
@@ -268,6 +297,16 @@ class TrainTrainUI:
             else:
                 out.append(_upd(value=_ui_value(s, value), visible=s.visible_in(cfg.mode), **label))
         out += [_upd(value=_ui_value(s, getattr(second, s.name))) for s in PASS2]
+        if cfg.model and model_label in self.host.model_choices():
+            model = model_label
+        if model is not None:  # the preset's blocks (SD1.5-style IDs in the shipped ones) on the model's list
+            ids = self.block_ids_for(model)
+            names = self.input_names
+            for key in ("1:network_blocks", "2:network_blocks"):
+                i = names.index(key) if key in names else None
+                if i is not None:
+                    out[i] = _upd(**{**_plain(out[i]), "choices": list(ids),
+                                     "value": _fit_blocks(_plain(out[i]).get("value"), ids)})
         labels = side_labels(cfg.mode)
         out += [_upd(value=cfg.original_prompt, label=labels["original_prompt"]),
                 _upd(value=cfg.target_prompt, label=labels["target_prompt"]), _upd(value=cfg.negative_prompt)]
@@ -402,8 +441,8 @@ class TrainTrainUI:
         names = self.preset_names()
         return _upd(choices=names, value=current if current in names else None)
 
-    def load_preset(self, name: str | None) -> list:
-        """-> [message] + config_updates(preset) + change_mode(preset mode)."""
+    def load_preset(self, name: str | None, model: str | None = None) -> list:
+        """-> [message] + config_updates(preset) + change_mode(preset mode). ``model``: the Model list's entry."""
         n = len(self.input_names) + 3
         if not name:
             return ["Choose a preset to load"] + [_no_change()] * n
@@ -414,7 +453,8 @@ class TrainTrainUI:
             cfg = Config.load_preset(path)
         except SettingError as e:
             return [f"Error: {e}"] + [_no_change()] * n
-        return [f"Loaded preset {name} ({cfg.mode})"] + self.config_updates(cfg) + self.change_mode(cfg.mode)[-3:]
+        return ([f"Loaded preset {name} ({cfg.mode})"] + self.config_updates(cfg, model)
+                + self.change_mode(cfg.mode)[-3:])
 
     def save_preset(self, name: str, overwrite: bool, *values) -> list:
         """-> [message, preset dropdown update]."""
@@ -439,6 +479,29 @@ class TrainTrainUI:
         return [f"Preset saved: {path}", self.refresh_presets(name)]
 
     # --- models ----------------------------------------------------------------------------
+    def block_ids_for(self, model: str | None) -> tuple:
+        """The block IDs of a Model-list entry's family (SDXL: BASE, IN00–IN08, M00, OUT00–OUT08), asked of the
+        host (standalone: the file's header); SD1.5's list when the host cannot tell (the engine maps it)."""
+        ask = getattr(self.host, "model_family", None)
+        try:
+            family = ask(model) if callable(ask) else None
+            if family is None:
+                return tuple(BLOCK_IDS)
+            from .networks.targets import family_block_ids
+
+            return tuple(family_block_ids(family))
+        except Exception:  # noqa: BLE001 - a list shown ahead of training never breaks the tab
+            return tuple(BLOCK_IDS)
+
+    def change_model(self, model: str | None, blocks1: Sequence[str] | None = None,
+                     blocks2: Sequence[str] | None = None, shown: Sequence[str] | None = None) -> list:
+        """Model chosen -> [pass-1 block list, 2nd-pass block list, the IDs now shown]: that family's blocks,
+        keeping what is ticked (all ticked stays all). ``shown``: the IDs the lists showed until now."""
+        ids = list(self.block_ids_for(model))
+        shown = list(shown) if shown else list(self._initial_blocks or ())
+        return [_upd(choices=ids, value=_fit_blocks(blocks1, ids, shown)),
+                _upd(choices=ids, value=_fit_blocks(blocks2, ids, shown)), ids]
+
     def refresh_models(self, current: str | None = None) -> list:
         if hasattr(self.host, "refresh"):
             self.host.refresh()
@@ -723,6 +786,9 @@ class TrainTrainUI:
                          or s.allow_empty, **common)
         if s.widget == "checkbox":
             return _make(gr.Checkbox, value=value, **common)
+        if s.widget == "checkgroup" and s.name == "network_blocks":  # the default model's family's blocks
+            ids = list(self._initial_blocks)
+            return _make(gr.CheckboxGroup, choices=ids, value=_fit_blocks(value, ids), **common)
         if s.widget == "checkgroup":
             return _make(gr.CheckboxGroup, choices=_choices(s), value=value, **common)
         if s.widget == "radio":
@@ -741,6 +807,7 @@ class TrainTrainUI:
 
     def build(self, mode: str = "LoRA") -> "gr.Blocks":
         w = self.widgets
+        self._initial_blocks = self.block_ids_for(self.host.default_model())
         blocks_kw = {"analytics_enabled": False, "title": "TrainTrain"}
         if GRADIO_VERSION < (5, 0) and CSS_FILE.is_file():
             blocks_kw["css"] = CSS_FILE.read_text(encoding="utf-8")
@@ -876,6 +943,7 @@ class TrainTrainUI:
                          + [w[k] for k in ("original_prompt", "target_prompt", "negative_prompt",
                                            "original_image", "target_image")])
         w["poll_state"] = gr.State({})
+        w["blocks_shown"] = gr.State(list(self._initial_blocks))  # the block IDs the lists show (per page)
 
     def _build_plot(self, w: dict) -> None:
         files = self.log_files()
@@ -908,12 +976,15 @@ class TrainTrainUI:
             w[f"gen_{which}"].click(getattr(self, f"preview_{which}"), inputs=settings,
                                     outputs=[w["message"], w["preview_image"]])
         w["preset_refresh"].click(self.refresh_presets, inputs=[w["preset"]], outputs=[w["preset"]])
-        w["preset_load"].click(self.load_preset, inputs=[w["preset"]],
+        w["preset_load"].click(self.load_preset, inputs=[w["preset"], w["model"]],
                                outputs=[w["message"]] + settings + visibility[-3:])
         w["preset_save"].click(self.save_preset, inputs=[w["preset_name"], w["preset_overwrite"]] + settings,
                                outputs=[w["message"], w["preset"]])
         w["copy_first"].click(self.copy_first_pass, inputs=settings, outputs=w["pass2"])
         w["model_refresh"].click(self.refresh_models, inputs=[w["model"]], outputs=[w["model"]])
+        blocks_lists = [p for p in (w["pass1"] + w["pass2"]) if getattr(p, "elem_id", "").endswith("_network_blocks")]
+        w["model"].change(self.change_model, inputs=[w["model"], *blocks_lists, w["blocks_shown"]],
+                          outputs=[*blocks_lists, w["blocks_shown"]])
         w["vae_refresh"].click(self.refresh_vaes, inputs=[w["vae"]], outputs=[w["vae"]])
         w["log_refresh"].click(self.refresh_logs, inputs=None, outputs=[w["log_file"]])
         w["log_draw"].click(self.draw_log, inputs=[w["log_file"]], outputs=[w["log_plot"], w["log_message"]])

@@ -22,7 +22,7 @@ from .convert import (
     vae_from_ldm,
 )
 from .errors import ModelError
-from .families import Family, ModelInfo, detect, family_from_context_width
+from .families import DIFFUSERS_PROBE_KEY, LDM_PROBE_KEY, Family, ModelInfo, detect, family_from_context_width
 from .tokenizer import clip_tokenizer
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -396,3 +396,29 @@ def save_ldm_checkpoint(components: Components, path: Union[str, Path]) -> Path:
         }, default=list),
     }
     return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+def peek_family(path: Union[str, Path]) -> Optional[Family]:
+    """The family of a ``.safetensors`` checkpoint or a diffusers folder from its header and config files only
+    (no tensor is read), for lists shown before a model loads (the tab's block list). None when that cannot be
+    told cheaply: a pickle checkpoint (reading it means reading it whole), an unreadable or foreign file."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            unet_cfg = p / "unet" / "config.json"
+            return _folder_family(p, json.loads(unet_cfg.read_text(encoding="utf-8"))) if unet_cfg.is_file() else None
+        if p.suffix.lower() != ".safetensors" or not p.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_CONFIGS)
+            if raw:  # our own saves (models of non-standard sizes): the family is written down
+                return Family(json.loads(raw)["family"])
+            keys = set(f.keys())
+            for key in (LDM_PROBE_KEY, DIFFUSERS_PROBE_KEY, "unet." + DIFFUSERS_PROBE_KEY):
+                if key in keys:  # the same probe as detect(): the cross-attention K width, from the header
+                    return family_from_context_width(f.get_slice(key).get_shape()[1], str(p))
+    except Exception:  # noqa: BLE001 - a list shown ahead of training never fails the tab; loading says why
+        return None
+    return None
