@@ -727,6 +727,9 @@ def family_models(tmp_path):
     save_file({"x": torch.zeros(1)}, str(models / "ours_xl.safetensors"),
               metadata={"traintrain.configs": json.dumps({"family": "sdxl"})})
     (models / "old.ckpt").write_bytes(b"not read: a pickle is read whole, so the list stays SD1.5's")
+    (models / "xl_folder" / "unet").mkdir(parents=True)  # a diffusers folder: its unet/config.json says
+    (models / "xl_folder" / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 2048}))
+    (models / "xl_folder" / "model_index.json").write_text("{}")
     host = StandaloneHost(tmp_path, model_dir=models)
     u = TrainTrainUI(host)
     u.build()
@@ -742,7 +745,10 @@ def test_the_block_list_shows_the_chosen_models_family_and_keeps_the_ticks(famil
                                     every_sd1)
     assert upd(b1) == {"choices": SDXL_BLOCKS, "value": SDXL_BLOCKS} and shown == SDXL_BLOCKS
     assert upd(b2) == {"choices": SDXL_BLOCKS, "value": ["BASE", "IN04", "OUT02"]}
-    assert upd(ui.change_model("ours_xl.safetensors", SDXL_BLOCKS[:3], None, shown)[0])["value"] == SDXL_BLOCKS[:3]
+    for model in ("ours_xl.safetensors", "xl_folder"):
+        assert ui.host.model_choices().count(model) == 1
+        assert upd(ui.change_model(model, SDXL_BLOCKS[:3], None, shown)[0]) == {"choices": SDXL_BLOCKS,
+                                                                                 "value": SDXL_BLOCKS[:3]}
     # back on SD1.5: every SDXL block ticked is every block again; a pickle or a missing file: SD1.5's list
     for model in ("sd15.safetensors", "old.ckpt", "gone.safetensors", ui.host.TINY_LABEL):
         b1, b2, shown2 = ui.change_model(model, SDXL_BLOCKS, ["IN04"], SDXL_BLOCKS)
