@@ -111,6 +111,16 @@ def cmd_train(args) -> int:
     except SettingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        # bad inputs (images, prompts, optimizer / scheduler arguments, network_resume) first: they cost
+        # nothing to check and leave no trace, not even an output folder
+        mode = mode_for(cfg.mode)
+        if hasattr(mode, "check") and not args.json_only:  # a settings file may be written ahead of its data
+            mode.check(cfg)
+        check_settings(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     paths = OutputPaths.under(args.workdir)
     if args.output_dir:
         paths.lora_dir = args.output_dir
@@ -128,10 +138,6 @@ def cmd_train(args) -> int:
         if args.json_only:
             return 0
     try:
-        mode = mode_for(cfg.mode)
-        if hasattr(mode, "check"):  # bad inputs (images, prompts) are reported before the model loads
-            mode.check(cfg)
-        check_settings(cfg)  # optimizer / scheduler arguments, network_resume
         components = load_components(cfg.model or None, cfg.vae or None, model_dir=args.model_dir,
                                      v_pred=cfg.model_v_pred or None)
         if args.embeddings_dir:
