@@ -496,3 +496,27 @@ def test_an_ileco_job_with_a_webui_embedding_in_its_prompt_trains(webui, tmp_pat
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
     assert any(k.endswith("lora_up.weight") and t.abs().sum() > 0 for k, t in tensors.items())  # it learned
     assert "original prompt: webemb, cat" in meta["ss_training_comment"]
+
+
+def test_the_block_list_follows_the_webuis_model_family(webui, tmp_path, tiny_ckpt):
+    """The tab's block list asks the host for the family: the loaded model's file header, else the Web-UI's
+    own flags (an SDXL model loaded from a .ckpt); a listed checkpoint by its header; nothing is loaded."""
+    from modules import sd_models
+
+    from trainer.host.webui import LOADED_LABEL
+    from trainer.models.families import Family
+    from trainer.networks.targets import family_block_ids
+    from trainer.ui import TrainTrainUI
+
+    host = _host(tmp_path)
+    assert host.model_family(LOADED_LABEL) is Family.SD1
+    assert host.model_family("tiny-sd1.safetensors") is Family.SD1
+    model = sd_models.model_data.sd_model
+    model.sd_checkpoint_info = type("Info", (), {"filename": str(tmp_path / "xl.ckpt")})()  # header unreadable
+    model.is_sd1, model.is_sdxl = False, True
+    assert host.model_family(LOADED_LABEL) is Family.SDXL
+    assert host.model_family("no-such-model") is None
+    ui = TrainTrainUI(host)
+    assert ui.block_ids_for(LOADED_LABEL) == tuple(family_block_ids(Family.SDXL))
+    assert "OUT11" not in ui.block_ids_for(LOADED_LABEL) and "OUT08" in ui.block_ids_for(LOADED_LABEL)
+    assert sd_models.events == []  # nothing was loaded or moved to answer

@@ -156,6 +156,26 @@ class WebUIHost:
     def model_label(self, value: str | None) -> str:
         return LOADED_LABEL if not value else value
 
+    def model_family(self, label: str | None):
+        """The family of a Model-list entry for the tab's block list, without loading anything: the file's
+        header (as standalone), else, for the loaded model, the Web-UI's own is_sdxl / is_sd2 flags; None when
+        neither tells (the block list then stays SD1.5's, which the engine maps onto the model's blocks)."""
+        from ..models.families import Family
+        from ..models.loading import peek_family
+
+        model = self._loaded_model() if self.model_value(label) == "" else None
+        if model is not None:
+            info = getattr(model, "sd_checkpoint_info", None)
+        else:
+            _, sd_models, _, _ = _modules()
+            info = sd_models.get_closet_checkpoint_match(label) if label and label != LOADED_LABEL else None
+        family = peek_family(info.filename) if getattr(info, "filename", None) else None
+        if family is None and model is not None:
+            for flag, fam in (("is_sdxl", Family.SDXL), ("is_sd2", Family.SD2), ("is_sd1", Family.SD1)):
+                if getattr(model, flag, False) is True:
+                    return fam
+        return family
+
     # --- the model ----------------------------------------------------------------------------
     @staticmethod
     def _loaded_model():
