@@ -480,7 +480,10 @@ def test_an_ileco_job_with_a_webui_embedding_in_its_prompt_trains(webui, tmp_pat
     from trainer.jobs import DONE, JobQueue, host_runner
     from trainer.networks.files import load_network_file
 
+    from modules import shared
+
     _register_embedding("webemb")
+    shared.opts.CLIP_stop_at_last_layers = 2  # followed (our clip_skip is 1): the file must say 2
     host = _host(tmp_path)
     q = JobQueue(tmp_path / "ext" / "jsons", host_runner(host))
     cfg = Config.load_preset(ROOT / "presets" / "iLECO.json").replace(
@@ -490,9 +493,11 @@ def test_an_ileco_job_with_a_webui_embedding_in_its_prompt_trains(webui, tmp_pat
     q.add(cfg)
     q.start()
     assert q.wait(300)
+    shared.opts.CLIP_stop_at_last_layers = 1
     job = q.jobs()[0]
     assert job.status == DONE, job.message
     tensors, meta = load_network_file(tmp_path / "models" / "Lora" / "webui_emb.safetensors")
+    assert meta["ss_clip_skip"] == "2"  # what the prompts were encoded with, not our setting's 1
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
     assert any(k.endswith("lora_up.weight") and t.abs().sum() > 0 for k, t in tensors.items())  # it learned
     assert "original prompt: webemb, cat" in meta["ss_training_comment"]

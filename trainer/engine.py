@@ -30,6 +30,7 @@ import torch
 from .atomic import atomic_write_text
 from .diffusion import NoiseSchedule, sample_timesteps, weighted_loss
 from .optim import SCHEDULE_FREE, make_optimizer, make_scheduler
+from .models.prompts import effective_clip_skip
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -741,7 +742,8 @@ class TrainingRun:
             unet_lr=cfg.train_learning_rate, text_encoder_lr=te_lr if p.train_text_encoder else None,
             max_train_steps=cfg.train_iterations, steps=steps, lr_warmup_steps=cfg.train_lr_warmup_steps,
             lr_scheduler=cfg.train_lr_scheduler, mixed_precision=str(cfg.train_model_precision), seed=self.seed,
-            optimizer=cfg.train_optimizer, min_snr_gamma=cfg.train_snr_gamma or None, clip_skip=cfg.clip_skip,
+            optimizer=cfg.train_optimizer, min_snr_gamma=cfg.train_snr_gamma or None,
+            clip_skip=effective_clip_skip(self.components, cfg.clip_skip),  # the Web-UI's when it was followed
             num_train_images=self.summary.get("num_train_images", 0), tag_frequency=self.summary.get("tag_frequency"),
             resolution=(cfg.image_size[1], cfg.image_size[0]), mode=cfg.mode, prompts=self.summary.get("prompts"),
             sd_model_name=self.components.name, title=path.stem, trigger_phrase=cfg.lora_trigger_word or None,

@@ -321,6 +321,12 @@ def _encode_one(te, family: Family, ids: torch.Tensor, ws: torch.Tensor, clip_sk
     return hidden, pooled
 
 
+def effective_clip_skip(components, clip_skip: int) -> int:
+    """The CLIP skip prompts are encoded with: ``clip_skip`` 1 (the default) follows the host (the Web-UI's
+    CLIP skip option), more overrides it."""
+    return int(getattr(components, "host_clip_skip", None) or 1) if clip_skip == 1 else clip_skip
+
+
 def encode_prompts(components, prompts: Union[str, Sequence[str]], clip_skip: int = 1,
                    emphasis: bool = True) -> Conditioning:
     """Encode prompts with the Web-UI's emphasis syntax and 75-token chunks (see module doc);
@@ -331,8 +337,7 @@ def encode_prompts(components, prompts: Union[str, Sequence[str]], clip_skip: in
         raise ValueError("encode_prompts: no prompts")
     if clip_skip < 1:
         raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
-    if clip_skip == 1:  # the default follows the host (the Web-UI's CLIP skip option); more overrides it
-        clip_skip = int(getattr(components, "host_clip_skip", None) or 1)
+    clip_skip = effective_clip_skip(components, clip_skip)
     vocab = _vocab(components)
     family = components.info.family
     if family is Family.SDXL:
