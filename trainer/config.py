@@ -489,7 +489,8 @@ def _parse_model_precision(s: Setting, raw: Any) -> str:
     return _match_choice(s, raw.strip())
 
 
-def _parse_image_size(s: Setting, raw: Any) -> tuple[int, int]:
+def _parse_sides(s: Setting, raw: Any, largest: int) -> list[int]:
+    """"N", "H,W", "HxW", a number or a pair -> 1 or 2 sides in pixels, each a multiple of 8 in 64..largest."""
     if isinstance(raw, (list, tuple)):
         parts = list(raw)
     elif isinstance(raw, bool):
@@ -508,15 +509,17 @@ def _parse_image_size(s: Setting, raw: Any) -> tuple[int, int]:
             v = _parse_int(s, p)
         except SettingError:
             raise s.error(raw, "is not a size") from None
-        if v < 64 or v > 8192:
+        if v < 64 or v > largest:
             raise s.error(raw, "is out of range")
         if v % 8:
             raise s.error(raw, "is not a multiple of 8")
         sizes.append(v)
-    if len(sizes) == 1:
-        sizes.append(sizes[0])
-    sizes.sort()  # as the original does: the product (max bucket area) is what counts
-    return (sizes[0], sizes[1])
+    return sizes
+
+
+def _parse_image_size(s: Setting, raw: Any) -> tuple[int, int]:
+    sizes = sorted(_parse_sides(s, raw, 8192))  # as the original does: the product (max bucket area) is what counts
+    return (sizes[0], sizes[-1])
 
 
 def _format_image_size(v: tuple[int, int]) -> str:
@@ -687,29 +690,7 @@ def _parse_sample_prompts(s: Setting, raw: Any) -> str:
 
 def _parse_sample_size(s: Setting, raw: Any) -> tuple[int, int]:
     """"N" or "H,W" in pixels, multiples of 8; unlike image_size the sides keep their order."""
-    if isinstance(raw, (list, tuple)):
-        parts = list(raw)
-    elif isinstance(raw, bool):
-        raise s.error(raw, "is not a size")
-    elif isinstance(raw, (int, float)):
-        parts = [raw]
-    elif isinstance(raw, str):
-        parts = [p for p in re.split(r"[,x×*\s]+", raw.strip()) if p]
-    else:
-        raise s.error(raw, "is not a size")
-    if not 1 <= len(parts) <= 2:
-        raise s.error(raw, "is not a size")
-    sizes = []
-    for p in parts:
-        try:
-            v = _parse_int(s, p)
-        except SettingError:
-            raise s.error(raw, "is not a size") from None
-        if v < 64 or v > 4096:
-            raise s.error(raw, "is out of range")
-        if v % 8:
-            raise s.error(raw, "is not a multiple of 8")
-        sizes.append(v)
+    sizes = _parse_sides(s, raw, 4096)
     return (sizes[0], sizes[-1])
 
 
