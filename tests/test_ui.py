@@ -768,3 +768,34 @@ def test_a_preset_loaded_with_an_sdxl_model_chosen_shows_sdxl_blocks(family_mode
         == list(BLOCK_IDS)
     by_id = {getattr(c, "elem_id", None): c for c in ui.blocks.blocks.values()}
     assert ui.host.default_model() == "old.ckpt" and len(by_id["tt_network_blocks"].choices) == len(BLOCK_IDS)
+
+
+def test_a_past_runs_settings_reload_from_the_preset_list_with_its_images_or_say_they_are_gone(ui, tmp_path):
+    """The original lists jsons/ runs by name: save_as_json files come back as "run: NAME"; their images (outside
+    the folders gradio serves) are sent as pictures, and a deleted one is named in the message."""
+    from PIL import Image
+
+    from trainer.engine import write_settings_json
+    from trainer.ui import RUN_PREFIX
+
+    pics = tmp_path / "elsewhere"
+    pics.mkdir()
+    Image.new("RGBA", (64, 64), (200, 30, 30, 255)).save(pics / "a.png")
+    Image.new("RGBA", (64, 64), (30, 30, 200, 255)).save(pics / "b.png")
+    cfg = Config.defaults("ADDifT").replace(original_image=str(pics / "a.png"), target_image=str(pics / "b.png"))
+    cfg = cfg.with_overrides({"save_lora_name": "slider", "network_rank": 8})
+    path = write_settings_json(cfg, ui.host.paths(), 0.0)
+    name = RUN_PREFIX + path.stem
+    assert name in ui.preset_names() and not any(n.startswith(RUN_PREFIX + "queue") for n in ui.preset_names())
+    out = ui.load_preset(name)
+    assert out[0] == f"Loaded past run {path.stem} (ADDifT)"
+    vals = dict(zip(ui.input_names, out[1:1 + len(ui.input_names)]))
+    assert upd(vals["1:network_rank"])["value"] == "8" and upd(vals["1:save_lora_name"])["value"] == "slider"
+    shown = upd(vals["original_image"])["value"]
+    assert isinstance(shown, Image.Image) and shown.getpixel((5, 5)) == (200, 30, 30, 255)  # a picture, not a path
+    (pics / "b.png").unlink()
+    out = ui.load_preset(name)
+    assert out[0].endswith(f"; Target image {pics / 'b.png'} is gone (upload it again)")
+    vals = dict(zip(ui.input_names, out[1:1 + len(ui.input_names)]))
+    assert "value" not in upd(vals["target_image"]) and isinstance(upd(vals["original_image"])["value"], Image.Image)
+    assert ui.load_preset(RUN_PREFIX + "../presets/x")[0].startswith("Error: preset")  # stays in jsons/

@@ -48,6 +48,8 @@ QUEUE_HEADERS = ["Job", "Name", "Mode", "Status", "Result", "Model"]
 #: they belong to the user's job, not to the recipe (shipped presets carry "model": "", "lora_data_directory": "").
 PRESET_KEEPS = ("lora_data_directory", "save_lora_name")
 IMAGE_LABELS = {"original_image": "Original image", "target_image": "Target image"}
+#: The preset list's entries for past runs (save_as_json files in jsons/), as the original lists them there.
+RUN_PREFIX = "run: "
 #: Slider modes: the LoRA at + strength adds the target's difference, at − it takes it away (the original labels
 #: the two sides −/+ there, which its users asked for)
 SIDE_MODES = ("ADDifT", "Multi-ADDifT")
@@ -312,7 +314,9 @@ class TrainTrainUI:
                 _upd(value=cfg.target_prompt, label=labels["target_prompt"]), _upd(value=cfg.negative_prompt)]
         for attr in ("original_image", "target_image"):
             path = getattr(cfg, attr)
-            keep = {"value": path} if path and Path(path).is_file() else {}
+            # the picture, not its path: a past run's image lies outside the folders gradio serves, and a path
+            # there turned every widget into an "Error" badge; a missing one is left empty (load_preset says so)
+            keep = {"value": _read_picture(path)} if path and Path(path).is_file() else {}
             out.append(_upd(label=labels[attr], **keep))
         return out
 
@@ -422,15 +426,27 @@ class TrainTrainUI:
 
     # --- presets ---------------------------------------------------------------------------
     def preset_names(self) -> list[str]:
+        """Presets, then the past runs' settings (save_as_json files in jsons/, newest first) as "run: NAME"."""
         names = set()
         for d in [*self.preset_dirs, self.user_preset_dir]:
             if Path(d).is_dir():
                 names.update(p.stem for p in Path(d).glob("*.json"))
-        return sorted(names, key=str.casefold)
+        return sorted(names, key=str.casefold) + [RUN_PREFIX + p.stem for p in self._past_runs()]
+
+    def _past_runs(self) -> list[Path]:
+        folder = Path(self.host.paths().json_dir)
+        try:  # the queue's own files (queue.json, queue.broken-*.json) are not runs
+            runs = [p for p in folder.glob("*.json") if not p.name.startswith("queue")]
+            return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:
+            return []
 
     def preset_path(self, name: str) -> Path | None:
         """The preset file of a listed name; a name that leaves its folder (a crafted request under gradio 3.41,
         which does not check a dropdown's value against its choices) is never opened."""
+        if name.startswith(RUN_PREFIX):  # a past run's save_as_json file
+            p = _inside(Path(self.host.paths().json_dir), f"{name[len(RUN_PREFIX):]}.json")
+            return p if p is not None and p.is_file() else None
         for d in [self.user_preset_dir, *self.preset_dirs]:
             p = _inside(Path(d), f"{name}.json")
             if p is not None and p.is_file():
@@ -453,8 +469,12 @@ class TrainTrainUI:
             cfg = Config.load_preset(path)
         except SettingError as e:
             return [f"Error: {e}"] + [_no_change()] * n
-        return ([f"Loaded preset {name} ({cfg.mode})"] + self.config_updates(cfg, model)
-                + self.change_mode(cfg.mode)[-3:])
+        updates = self.config_updates(cfg, model)
+        missing = [f"{IMAGE_LABELS[a]} {getattr(cfg, a)} is gone (upload it again)"
+                   for a in ("original_image", "target_image") if getattr(cfg, a) and not Path(getattr(cfg, a)).is_file()]
+        what = "past run" if name.startswith(RUN_PREFIX) else "preset"
+        return ([f"Loaded {what} {name.removeprefix(RUN_PREFIX)} ({cfg.mode})" + "".join(f"; {m}" for m in missing)]
+                + updates + self.change_mode(cfg.mode)[-3:])
 
     def save_preset(self, name: str, overwrite: bool, *values) -> list:
         """-> [message, preset dropdown update]."""
@@ -1188,6 +1208,18 @@ def create_ui(host, **kw) -> TrainTrainUI:
     ui = TrainTrainUI(host, **kw)
     ui.build()
     return ui
+
+
+def _read_picture(path):
+    """An image file as a PIL picture for an image widget (RGBA kept), the file closed again; None if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (OSError, ValueError):
+        return None
 
 
 def _read_png(path):
