@@ -760,6 +760,32 @@ class TrainTrainUI:
         notes = "; ".join(filter(None, [detail, f"{time.perf_counter() - t0:.1f} s", *log]))
         return [f"{what}: {path} ({notes})", _upd(value=picture)]
 
+    # --- Data check (Train tab, LoRA) -------------------------------------------------------
+    def check_data(self, *values) -> str:
+        """The dataset as training will read it with these settings: counts, buckets, captions, skips."""
+        from .data.errors import DataError
+        from .data.preview import preview_dataset
+
+        try:
+            cfg, _files = self.config_from_values(values)
+        except SettingError as e:
+            return f"Error: {e}"
+        if cfg.mode != "LoRA":
+            return f"Check data reads the LoRA mode's image folder; the mode is {cfg.mode}."
+        folder = str(cfg.lora_data_directory or "").strip()
+        if not folder:
+            return "Error: lora_data_directory: empty (allowed: a folder of training images)"
+        try:
+            report = preview_dataset(
+                Path(folder).expanduser(), image_size=cfg.image_size, buckets_step=cfg.image_buckets_step,
+                min_length=cfg.image_min_length, max_ratio=cfg.image_max_ratio, num_multiply=cfg.image_num_multiply,
+                sub_image_num=cfg.sub_image_num, mirroring=cfg.image_mirroring,
+                disable_upscale=cfg.image_disable_upscale, trigger=cfg.lora_trigger_word,
+                use_filename_as_tag=cfg.image_use_filename_as_tag)
+        except DataError as e:
+            return f"Error: {e}"
+        return report.text()
+
     # --- Plot tab ----------------------------------------------------------------------------
     def log_files(self) -> list[str]:
         """CSV logs under logs/ (only there: bug #20), newest first, relative to it."""
@@ -946,6 +972,11 @@ class TrainTrainUI:
         pass1: dict[str, Any] = {}
         _make(gr.Markdown, "### Required parameters")
         self._grid([s for s in REQUIRED if s in PASS1], "tt_", mode, pass1)
+        # LoRA data check: what training will read (buckets, captions, skips), seconds, no model
+        with _make(gr.Column, visible=mode == "LoRA", elem_id="tt_data_check") as w["data_check_group"]:
+            w["data_check"] = _make(gr.Button, "Check data", elem_id="tt_data_check_button", size="sm")
+            w["data_report"] = _make(gr.Textbox, label="Data check (lora_data_directory with the current settings)",
+                                     interactive=False, lines=1, max_lines=20, elem_id="tt_data_report")
         blocks_setting = next(s for s in PASS1 if s.name == "network_blocks")
         pass1["network_blocks"] = self._widget(blocks_setting, "tt_", mode)
         _make(gr.Markdown, "### Option parameters")
@@ -981,6 +1012,8 @@ class TrainTrainUI:
         visibility = (w["pass1"] + [w[name] for name in SIDE_WIDGETS]
                       + [w["second_group"], w["prompt_group"], w["image_group"]])
         w["mode"].change(self.change_mode, inputs=[w["mode"]], outputs=visibility)
+        w["mode"].change(lambda m: _upd(visible=m == "LoRA"), inputs=[w["mode"]], outputs=[w["data_check_group"]])
+        w["data_check"].click(self.check_data, inputs=settings, outputs=[w["data_report"]])
         w["start"].click(self.start, inputs=settings, outputs=queue_out)
         w["queue_add"].click(self.add_to_queue, inputs=settings, outputs=queue_out)
         # Stop bypasses the event queue, so it is not held up behind the polling events
