@@ -113,3 +113,42 @@ def test_an_output_folder_inside_the_input_is_not_read_again(data):
     again = prepare_images(data, out, PrepareOptions(copies=1, seed=0))
     assert again.inputs == 3
     assert sorted(p.name for p in out.glob("*.png")) == ["red_id_0.png", "red_id_1.png"]
+
+
+@pytest.fixture()
+def ui(tmp_path):
+    from trainer.jobs import StandaloneHost
+    from trainer.ui import TrainTrainUI
+
+    u = TrainTrainUI(StandaloneHost(tmp_path / "work"))
+    u.build()
+    yield u
+    u.queue.stop()
+    u.queue.wait(60)
+
+
+def run_tab(ui, **kw):
+    from trainer.ui import IMAGE_TAB_INPUTS
+
+    w = ui.widgets
+    values = {k: w[k].value for k in IMAGE_TAB_INPUTS}  # the tab's defaults, as a user first sees them
+    values.update({f"img_{k}": v for k, v in kw.items()})
+    return list(ui.make_images(*[values[k] for k in IMAGE_TAB_INPUTS]))
+
+
+def test_the_image_tab_processes_a_folder_with_its_defaults(ui, data, tmp_path):
+    messages = run_tab(ui, source=str(data), output=str(tmp_path / "out"), seed="7")
+    assert messages[-1].startswith(f"Images saved in {tmp_path / 'out'}: 10 new images from 2 of 3 inputs")
+    assert "broken.png" in messages[-1]
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 10  # the original's default: 5 per image
+
+
+def test_the_image_tab_takes_an_upload_and_names_bad_values(ui, tmp_path):
+    picture = Image.new("RGBA", (32, 32), (255, 0, 0, 255))
+    out = tmp_path / "up"
+    messages = run_tab(ui, upload=picture, output=str(out), copies=2, fix_side="left")
+    assert "2 new images" in messages[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["upload_id_0.png", "upload_id_1.png"]
+    assert run_tab(ui, source="", output=str(out))[-1].startswith("Error: Input: empty")
+    assert "Seed" in run_tab(ui, upload=picture, output=str(out), seed="abc")[-1]
+    assert "Min scale" in run_tab(ui, upload=picture, output=str(out), min_scale=0)[-1]

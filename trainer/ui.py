@@ -71,6 +71,9 @@ def _setting_label(s: Setting, mode: str) -> str:
         return f"{s.label} (marks the + side image; the image without it is the − side)"
     return s.label
 POLL_SECONDS = 1.0
+#: The Image tab's widgets, in the order TrainTrainUI.make_images takes them.
+IMAGE_TAB_INPUTS = ("img_source", "img_upload", "img_output", "img_copies", "img_rotate", "img_angle",
+                    "img_downscale", "img_min_scale", "img_fix_side", "img_seed")
 #: Shown under the Stop buttons: what each does (the original kept running the queue; ours can do both)
 STOP_HELP = ("**Stop and save** ends the running job at its next step and saves what it trained as "
              "`<name>_<steps>steps`. **Cancel without saving** ends it and saves nothing of it (files saved "
@@ -786,6 +789,45 @@ class TrainTrainUI:
             return f"Error: {e}"
         return report.text()
 
+    # --- Image tab ---------------------------------------------------------------------------
+    def make_images(self, source: str | None, upload: Any, output: str | None, copies: float, rotate: bool,
+                    max_angle: float, downscale: bool, min_scale: float, fix_side: str | None, seed: str | None):
+        """Dataset preparation (trainer.data.prepare); yields the progress, then the summary."""
+        from .data.errors import DataError
+        from .data.prepare import PrepareOptions, iter_prepare
+
+        if isinstance(upload, _BadUpload):
+            yield f"Error: {upload.message('img_upload')}"
+            return
+        raw_seed = str(seed or "").strip()
+        try:
+            seed_value = int(raw_seed) if raw_seed else None
+        except ValueError:
+            yield f'Error: Seed: "{raw_seed}" is not a whole number (or leave it empty for a random one)'
+            return
+        count = float(copies or 0)
+        options = PrepareOptions(copies=int(count) if count.is_integer() else count, rotate=bool(rotate),
+                                 max_angle=float(max_angle or 0), downscale=bool(downscale),
+                                 min_scale=float(min_scale or 0), fix_side=fix_side or "none", seed=seed_value)
+        with tempfile.TemporaryDirectory(prefix="traintrain-image-") as tmp:
+            if not str(source or "").strip() and upload is not None:
+                source = str(Path(tmp) / "upload.png")  # the copies are named upload_id_<n>.png
+                upload.save(source, format="PNG")
+            try:
+                last = 0.0
+                result = None
+                for done, total, path, result in iter_prepare(source, output, options):
+                    if time.monotonic() - last > 0.5 and done < total:  # not every image: the page keeps up
+                        last = time.monotonic()
+                        yield f"{done} of {total} inputs done ({len(result.written)} images written): {path.name}"
+            except DataError as e:
+                yield f"Error: {e}"
+                return
+            except OSError as e:  # a full disk, an unwritable output folder
+                yield f"Error: writing to the output folder {output!r}: {e}"
+                return
+        yield result.summary() if result is not None else "Nothing was done."
+
     # --- Plot tab ----------------------------------------------------------------------------
     def log_files(self) -> list[str]:
         """CSV logs under logs/ (only there: bug #20), newest first, relative to it."""
@@ -863,6 +905,8 @@ class TrainTrainUI:
                     self._build_train(w, mode)
                 with gr.Tab("Plot", elem_id="tt_tab_plot"):
                     self._build_plot(w)
+                with gr.Tab("Image", elem_id="tt_tab_image"):
+                    self._build_image(w)
             self._wire(blocks, w)
         self.blocks = blocks
         return blocks
@@ -1006,6 +1050,40 @@ class TrainTrainUI:
         w["log_message"] = _make(gr.Textbox, label="File", interactive=False, elem_id="tt_log_message")
         w["log_plot"] = _make(gr.Plot, label="Loss and learning rate", elem_id="tt_log_plot")
 
+    def _build_image(self, w: dict) -> None:
+        from .data.prepare import FIX_SIDES, MAX_COPIES, PrepareOptions
+
+        d = PrepareOptions()
+        _make(gr.Markdown, "Make a dataset bigger: randomly rotated and/or downscaled copies of each image (PNG "
+                           "with transparency, which training masks out), captions copied along. The inputs are "
+                           "never changed and no existing file is overwritten.")
+        with gr.Row():
+            w["img_source"] = _make(gr.Textbox, label="Input: a folder of images or one image file",
+                                    elem_id="tt_img_source", scale=3)
+            w["img_output"] = _make(gr.Textbox, label="Output folder (not the input folder)", elem_id="tt_img_output",
+                                    scale=3)
+        w["img_upload"] = _make(gr.Image, label="Or upload one image (used when Input is empty)", type="pil",
+                                image_mode="RGBA", elem_id="tt_img_upload")
+        _guard_preprocess(w["img_upload"], "Uploaded image")
+        with gr.Row():
+            w["img_copies"] = _make(gr.Slider, minimum=1, maximum=MAX_COPIES, step=1, value=d.copies,
+                                    label="Number of images per input", elem_id="tt_img_copies")
+            w["img_seed"] = _make(gr.Textbox, label="Seed (empty: random)", elem_id="tt_img_seed")
+        with gr.Row():
+            w["img_rotate"] = _make(gr.Checkbox, value=d.rotate, label="Random rotation", elem_id="tt_img_rotate")
+            w["img_angle"] = _make(gr.Slider, minimum=0, maximum=180, step=1, value=d.max_angle,
+                                   label="Max tilting angle (degrees, either way)", elem_id="tt_img_angle")
+        with gr.Row():
+            w["img_downscale"] = _make(gr.Checkbox, value=d.downscale, label="Random downscale",
+                                       elem_id="tt_img_downscale")
+            w["img_min_scale"] = _make(gr.Slider, minimum=0.05, maximum=1, step=0.05, value=d.min_scale,
+                                       label="Min scale", elem_id="tt_img_min_scale")
+            w["img_fix_side"] = _make(gr.Radio, choices=list(FIX_SIDES), value=d.fix_side,
+                                      label="Fix side (where the downscaled picture sits)", elem_id="tt_img_fix_side")
+        w["img_run"] = _make(gr.Button, "Make images", variant="primary", elem_id="tt_img_run")
+        w["img_message"] = _make(gr.Textbox, label="Result", interactive=False, lines=1, max_lines=20,
+                                 elem_id="tt_img_message")
+
     def _wire(self, blocks, w: dict) -> None:
         settings = w["settings"]
         queue_out = [w["message"], w["queue_table"], w["job_choice"]]
@@ -1040,6 +1118,7 @@ class TrainTrainUI:
                           outputs=[*blocks_lists, w["blocks_shown"]])
         w["vae_refresh"].click(self.refresh_vaes, inputs=[w["vae"]], outputs=[w["vae"]])
         w["log_refresh"].click(self.refresh_logs, inputs=None, outputs=[w["log_file"]])
+        w["img_run"].click(self.make_images, inputs=[w[k] for k in IMAGE_TAB_INPUTS], outputs=[w["img_message"]])
         w["log_draw"].click(self.draw_log, inputs=[w["log_file"]], outputs=[w["log_plot"], w["log_message"]])
         w["log_file"].change(self.draw_log, inputs=[w["log_file"]], outputs=[w["log_plot"], w["log_message"]])
         poll_out = [w["status"], w["live_plot"], w["queue_table"], w["job_choice"], w["job_log"], w["poll_state"]]
