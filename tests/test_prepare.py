@@ -152,3 +152,15 @@ def test_the_image_tab_takes_an_upload_and_names_bad_values(ui, tmp_path):
     assert run_tab(ui, source="", output=str(out))[-1].startswith("Error: Input: empty")
     assert "Seed" in run_tab(ui, upload=picture, output=str(out), seed="abc")[-1]
     assert "Min scale" in run_tab(ui, upload=picture, output=str(out), min_scale=0)[-1]
+
+
+def test_the_cli_prepare_command(data, tmp_path, capsys):
+    from trainer.__main__ import main
+
+    out = tmp_path / "cli"
+    assert main(["prepare", str(data / "red.jpg"), str(out), "--copies", "2", "--no-rotate", "--fix-side", "top",
+                 "--seed", "1"]) == 0
+    assert "2 new images" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["red_id_0.png", "red_id_0.txt", "red_id_1.png", "red_id_1.txt"]
+    assert main(["prepare", str(data), str(data)]) == 2
+    assert "is the input folder" in capsys.readouterr().err

@@ -237,6 +237,26 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .data.errors import DataError
+    from .data.prepare import PrepareOptions, prepare_images
+
+    options = PrepareOptions(copies=args.copies, rotate=not args.no_rotate, max_angle=args.max_angle,
+                             downscale=not args.no_downscale, min_scale=args.min_scale, fix_side=args.fix_side,
+                             seed=args.seed)
+    try:
+        result = prepare_images(args.input, args.output, options,
+                                progress=lambda done, total, path: print(f"{done}/{total} {path}", file=sys.stderr))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, an unwritable output folder
+        print(f"error: writing to {args.output}: {e}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
 def cmd_settings(args) -> int:
     from .config import describe_settings
 
@@ -353,6 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("csv", type=Path)
     p.add_argument("--png", type=Path, default=None)
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("prepare", help="the Image tab: rotated / downscaled copies of a folder or an image, "
+                                       "captions copied along, into another folder (never overwriting)")
+    p.add_argument("input", help="a folder of images (read recursively) or one image file")
+    p.add_argument("output", help="the folder for the new images (not the input folder)")
+    p.add_argument("--copies", type=int, default=5, help="new images per input (1-1000, default 5)")
+    p.add_argument("--no-rotate", action="store_true", help="no random rotation")
+    p.add_argument("--max-angle", type=float, default=180.0, help="rotation within +-this many degrees (default 180)")
+    p.add_argument("--no-downscale", action="store_true", help="no random downscale")
+    p.add_argument("--min-scale", type=float, default=0.4, help="downscale by a factor in [this, 1] (default 0.4)")
+    p.add_argument("--fix-side", default="none", help="none, right, left, top or bottom: where a downscaled "
+                                                       "picture sits (default none: anywhere)")
+    p.add_argument("--seed", type=int, default=None, help="for the same result again (default: random)")
+    p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("settings", help="list every setting with its default and help")
     p.add_argument("--mode", default=None)
     p.add_argument("--lang", default="en", choices=["en", "ja"])
