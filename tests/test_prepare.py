@@ -164,3 +164,12 @@ def test_the_cli_prepare_command(data, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["red_id_0.png", "red_id_0.txt", "red_id_1.png", "red_id_1.txt"]
     assert main(["prepare", str(data), str(data)]) == 2
     assert "is the input folder" in capsys.readouterr().err
+
+
+def test_half_transparent_pixels_keep_their_colour_and_alpha(tmp_path):
+    src = tmp_path / "glass.png"
+    Image.new("RGBA", (32, 32), (0, 0, 255, 128)).save(src)
+    [path] = prepare_images(src, tmp_path / "o", PrepareOptions(copies=1, rotate=False, min_scale=1.0,
+                                                                seed=0)).written
+    with Image.open(path) as im:
+        assert im.getpixel((16, 16)) == (0, 0, 255, 128)  # not whitened: training composites it once, on white

@@ -29,7 +29,7 @@ from PIL import Image
 from ..atomic import atomic_write
 from .captions import caption_file_for
 from .errors import DataError
-from .images import find_images, is_image_file, load_image
+from .images import _apply_exif_orientation, find_images, is_image_file, load_image
 
 FIX_SIDES = ("none", "right", "left", "top", "bottom")
 """Where a downscaled picture sits on its canvas: anywhere (none) or against one edge."""
@@ -152,10 +152,16 @@ def _checked_paths(source: Path | str, output_dir: Path | str) -> tuple[Path, Pa
 def _rgba(path: Path) -> Image.Image:
     """The image as training would read it (same refusals), with its transparency, as RGBA."""
     loaded = load_image(path)
-    image = loaded.rgb.convert("RGBA")
-    if loaded.alpha is not None:
-        image.putalpha(loaded.alpha)
-    return image
+    if loaded.alpha is None:
+        return loaded.rgb.convert("RGBA")
+    # load_image put the colours on white for training; a copy keeps the file's own colours under its alpha
+    # (training puts them on white again, once). Alpha-carrying modes are all 8-bit, so a plain convert does.
+    try:
+        with Image.open(path) as opened:
+            image = _apply_exif_orientation(opened).convert("RGBA")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"Image {str(path)!r} cannot be decoded: {exc}") from exc
+    return image if image.size == loaded.size else loaded.rgb.convert("RGBA")
 
 
 def _augment(image: Image.Image, options: PrepareOptions, rng: random.Random) -> Image.Image:
