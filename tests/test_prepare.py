@@ -144,7 +144,11 @@ def test_the_image_tab_processes_a_folder_with_its_defaults(ui, data, tmp_path):
 
 
 def test_the_image_tab_takes_an_upload_and_names_bad_values(ui, tmp_path):
-    picture = Image.new("RGBA", (32, 32), (255, 0, 0, 255))
+    src = tmp_path / "pic.png"
+    Image.new("RGBA", (32, 32), (255, 0, 0, 255)).save(src)
+    widget = ui.widgets["img_upload"]
+    picture = widget.preprocess(widget.data_model(path=str(src), orig_name=src.name))  # as gradio hands it over
+    assert isinstance(picture, Image.Image)
     out = tmp_path / "up"
     messages = run_tab(ui, upload=picture, output=str(out), copies=2, fix_side="left")
     assert "2 new images" in messages[-1]
@@ -152,6 +156,12 @@ def test_the_image_tab_takes_an_upload_and_names_bad_values(ui, tmp_path):
     assert run_tab(ui, source="", output=str(out))[-1].startswith("Error: Input: empty")
     assert "Seed" in run_tab(ui, upload=picture, output=str(out), seed="abc")[-1]
     assert "Min scale" in run_tab(ui, upload=picture, output=str(out), min_scale=0)[-1]
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    bad = widget.preprocess(widget.data_model(path=str(junk), orig_name=junk.name))
+    message = run_tab(ui, upload=bad, output=str(out))[-1]
+    assert message.startswith("Error: Or upload one image: the Image tab upload could not be read"), message
+    assert sorted(p.name for p in out.iterdir()) == ["upload_id_0.png", "upload_id_1.png"]
 
 
 def test_the_cli_prepare_command(data, tmp_path, capsys):

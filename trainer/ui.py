@@ -797,7 +797,7 @@ class TrainTrainUI:
         from .data.prepare import PrepareOptions, iter_prepare
 
         if isinstance(upload, _BadUpload):
-            yield f"Error: {upload.message('img_upload')}"
+            yield f"Error: {upload.message('Or upload one image')}"
             return
         raw_seed = str(seed or "").strip()
         try:
@@ -1064,7 +1064,7 @@ class TrainTrainUI:
                                     scale=3)
         w["img_upload"] = _make(gr.Image, label="Or upload one image (used when Input is empty)", type="pil",
                                 image_mode="RGBA", elem_id="tt_img_upload")
-        _guard_preprocess(w["img_upload"], "Uploaded image")
+        _guard_preprocess(w["img_upload"], "Image tab")
         with gr.Row():
             w["img_copies"] = _make(gr.Slider, minimum=1, maximum=MAX_COPIES, step=1, value=d.copies,
                                     label="Number of images per input", elem_id="tt_img_copies")
