@@ -227,10 +227,12 @@ PAIR_MEASURED = {
     # shift against 0.18 between them
     "difference": dict(blue_0=13, blue_1=28, blue_gain=0.509, background_shift=0.033, shape_kept=28,
                        green_kept=32),
-    "addift": dict(blue_0=13, blue_1=32, blue_gain=0.687, background_shift=0.071, shape_kept=25, green_kept=31),
+    # ADDifT / Multi-ADDifT on the original's timestep cycle (diff_timestep_schedule's default since 8f10dde;
+    # uniform draws measured blue_gain 0.687 / 0.619, background 0.071 / 0.080, green kept 31 / 20)
+    "addift": dict(blue_0=13, blue_1=32, blue_gain=0.646, background_shift=0.039, shape_kept=26, green_kept=31),
     # trained on red -> blue pairs of every shape: it also turns some green shapes blue
-    "multi_addift": dict(blue_0=13, blue_1=32, blue_gain=0.619, background_shift=0.080, shape_kept=28,
-                         green_kept=20),
+    "multi_addift": dict(blue_0=13, blue_1=31, blue_gain=0.628, background_shift=0.101, shape_kept=29,
+                         green_kept=28),
 }
 
 
