@@ -55,6 +55,35 @@ class Sample:
         return (h, w), (self.crop_xy[1], self.crop_xy[0]), (self.bucket[1], self.bucket[0])
 
 
+@dataclass(frozen=True)
+class BucketPlan:
+    """The buckets a dataset's images go to, with its validated counts: one place for what training, the
+    pair modes and the tab's Check data all decide the same way."""
+
+    max_buckets: list
+    sub_buckets: list
+    sub_image_num: int
+
+    @classmethod
+    def make(cls, image_size, buckets_step: int, min_length: int, max_ratio: float, num_multiply: int = 1,
+             sub_image_num: int = 0) -> "BucketPlan":
+        if int(num_multiply) != num_multiply or num_multiply < 1:
+            raise DataError(f"image_num_multiply must be a whole number >= 1, got {num_multiply!r}.")
+        if int(sub_image_num) != sub_image_num or sub_image_num < 0:
+            raise DataError(f"sub_image_num must be a whole number >= 0, got {sub_image_num!r}.")
+        max_buckets, sub_buckets = make_buckets(image_size, buckets_step, min_length, max_ratio)
+        return cls(max_buckets, sub_buckets, int(sub_image_num))
+
+    @property
+    def largest_side(self) -> int:
+        """Images are decoded no larger than this (a bigger one is shrunk on load)."""
+        return max(max(bucket) for bucket in self.max_buckets)
+
+    def placements(self, size: tuple[int, int]) -> list:
+        """(bucket, error) for an image of ``size``: its nearest full bucket, then its sub buckets."""
+        return [nearest_bucket(size, self.max_buckets)] + pick_sub_buckets(size, self.sub_buckets, self.sub_image_num)
+
+
 def build_samples(
     directory: Path | str,
     *,
@@ -73,12 +102,8 @@ def build_samples(
 ) -> list[Sample]:
     """All training samples of ``directory`` (see module docstring). ``check_stop`` is called before
     each image (reading thousands takes minutes): it raises to end the reading when Stop was pressed."""
-    if int(num_multiply) != num_multiply or num_multiply < 1:
-        raise DataError(f"image_num_multiply must be a whole number >= 1, got {num_multiply!r}.")
-    if int(sub_image_num) != sub_image_num or sub_image_num < 0:
-        raise DataError(f"sub_image_num must be a whole number >= 0, got {sub_image_num!r}.")
-    max_buckets, sub_buckets = make_buckets(image_size, buckets_step, min_length, max_ratio)
-    if sub_image_num > 0 and not sub_buckets:
+    plan = BucketPlan.make(image_size, buckets_step, min_length, max_ratio, num_multiply, sub_image_num)
+    if sub_image_num > 0 and not plan.sub_buckets:
         warn(
             f"sub_image_num is {sub_image_num} but there are no sub buckets "
             f"(image_size={tuple(image_size)}, image_buckets_step={buckets_step}, "
@@ -86,24 +111,20 @@ def build_samples(
             "Lower image_min_length or image_buckets_step to get some."
         )
     paths = find_images(directory)
-    largest_side = max(max(bucket) for bucket in max_buckets)
-
     samples: list[Sample] = []
     unreadable = too_small = 0
     for path in paths:
         if check_stop is not None:
             check_stop()
         try:
-            image = load_image(path, max_side=largest_side)
+            image = load_image(path, max_side=plan.largest_side)
             caption = caption_for(path, trigger, use_filename_as_tag, warn=warn)
         except DataError as exc:
             warn(f"Skipped: {exc}")
             unreadable += 1
             continue
-        placements = [nearest_bucket(image.size, max_buckets)]
-        placements += pick_sub_buckets(image.size, sub_buckets, sub_image_num)
         made = 0
-        for bucket, error in placements:
+        for bucket, error in plan.placements(image.size):
             crops = _crop(image, bucket, error, disable_upscale, caption)
             chosen = crops if mirroring else crops[:1]
             samples.extend(chosen)

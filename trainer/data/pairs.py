@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .buckets import make_buckets, nearest_bucket, pick_sub_buckets
 from .captions import caption_file_for, caption_for
-from .dataset import Sample, _crop, mask_from_alpha, pixels_from_image
+from .dataset import BucketPlan, Sample, _crop, mask_from_alpha, pixels_from_image
 from .errors import DataError
 from .images import LoadedImage, find_images, load_image
 
@@ -234,19 +233,16 @@ def build_pair_samples(
 ) -> list[PairSample]:
     """Bucketed crops of every pair in ``directory`` (see module docstring). ``check_stop`` is called
     before each pair: it raises to end the reading when Stop was pressed."""
-    if int(num_multiply) != num_multiply or num_multiply < 1:
-        raise DataError(f"image_num_multiply must be a whole number >= 1, got {num_multiply!r}.")
+    plan = BucketPlan.make(image_size, buckets_step, min_length, max_ratio, num_multiply, sub_image_num)
     pairs = find_pairs(directory, target_suffix, warn)
-    max_buckets, sub_buckets = make_buckets(image_size, buckets_step, min_length, max_ratio)
-    largest_side = max(max(b) for b in max_buckets)
     samples: list[PairSample] = []
     skipped = 0
     for pair in pairs:
         if check_stop is not None:
             check_stop()
         try:
-            orig = load_image(pair.original, max_side=largest_side)
-            targ = load_image(pair.target, max_side=largest_side)
+            orig = load_image(pair.original, max_side=plan.largest_side)
+            targ = load_image(pair.target, max_side=plan.largest_side)
             caption = _pair_caption(pair, trigger, use_filename_as_tag, warn)
         except DataError as exc:
             warn(f"Skipped the pair {str(pair.original)!r} + {str(pair.target)!r}: {exc}")
@@ -257,9 +253,8 @@ def build_pair_samples(
             warn(f"Multi-ADDifT: {str(pair.original)!r} is {orig.size[0]}x{orig.size[1]} and "
                  f"{str(pair.target)!r} is {targ.size[0]}x{targ.size[1]}; both are resized to {size[0]}x{size[1]}.")
         orig, targ = _to_size(orig, size), _to_size(targ, size)
-        placements = [nearest_bucket(size, max_buckets)] + pick_sub_buckets(size, sub_buckets, sub_image_num)
         made = 0
-        for bucket, error in placements:
+        for bucket, error in plan.placements(size):
             crops_o = _crop(orig, bucket, error, disable_upscale, caption)
             crops_t = _crop(targ, bucket, error, disable_upscale, caption)
             if not crops_o or not crops_t:

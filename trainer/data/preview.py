@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .buckets import crop_box, make_buckets, nearest_bucket, pick_sub_buckets
+from .buckets import crop_box
 from .captions import caption_file_for, caption_for
 from .errors import DataError
+from .dataset import BucketPlan
 from .images import find_images, load_image
 
 
@@ -76,24 +77,19 @@ def preview_dataset(
 ) -> DataPreview:
     """What training would read from ``directory`` (arguments as :func:`build_samples`). A bad setting or a
     missing folder raises DataError naming it, as training would."""
-    if int(num_multiply) != num_multiply or num_multiply < 1:
-        raise DataError(f"image_num_multiply must be a whole number >= 1, got {num_multiply!r}.")
-    if int(sub_image_num) != sub_image_num or sub_image_num < 0:
-        raise DataError(f"sub_image_num must be a whole number >= 0, got {sub_image_num!r}.")
-    max_buckets, sub_buckets = make_buckets(image_size, buckets_step, min_length, max_ratio)
+    plan = BucketPlan.make(image_size, buckets_step, min_length, max_ratio, num_multiply, sub_image_num)
     paths = find_images(directory)
-    largest_side = max(max(bucket) for bucket in max_buckets)
     report = DataPreview(folder=Path(directory), found=len(paths), filename_tags=use_filename_as_tag)
     for path in paths:
         try:
-            image = load_image(path, max_side=largest_side)
+            image = load_image(path, max_side=plan.largest_side)
             caption_for(path, trigger, use_filename_as_tag, warn=report.warnings.append)
         except DataError as exc:
             report.skipped.append((path, str(exc)))
             continue
         size = image.size
         del image  # one decoded image at a time
-        placements = [nearest_bucket(size, max_buckets)] + pick_sub_buckets(size, sub_buckets, sub_image_num)
+        placements = plan.placements(size)
         made = Counter()
         for bucket, error in placements:
             if crop_box(size, bucket, error, disable_upscale) is not None:  # as resize_and_crop decides
