@@ -32,6 +32,25 @@ def pytest_sessionfinish(session, exitstatus):
         jobs.stop()
 
 
+@pytest.fixture()
+def tab_workdir(tmp_path):
+    """The standalone tab's workdir for ``ui``; a module overrides it to keep its data out of the workdir."""
+    return tmp_path
+
+
+@pytest.fixture()
+def ui(tab_workdir):
+    """The Train tab, built on a standalone host; its queue is stopped afterwards."""
+    from trainer.jobs import StandaloneHost
+    from trainer.ui import TrainTrainUI
+
+    u = TrainTrainUI(StandaloneHost(tab_workdir))
+    u.build()
+    yield u
+    u.queue.stop()
+    u.queue.wait(60)
+
+
 @pytest.fixture(scope="session")
 def world_model():
     """The model that has learned a small world (tests/world.py), shared by the whole session:

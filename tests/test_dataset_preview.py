@@ -74,15 +74,8 @@ def _values(ui, **overrides):
 
 
 @pytest.fixture()
-def ui(tmp_path):
-    from trainer.jobs import StandaloneHost
-    from trainer.ui import TrainTrainUI
-
-    u = TrainTrainUI(StandaloneHost(tmp_path / "work"))
-    u.build()
-    yield u
-    u.queue.stop()
-    u.queue.wait(60)
+def tab_workdir(tmp_path):  # the tab (conftest's ui) works apart from this test's data folders
+    return tmp_path / "work"
 
 
 def test_check_data_button_reports_with_the_tabs_settings(ui, data):

@@ -116,15 +116,8 @@ def test_an_output_folder_inside_the_input_is_not_read_again(data):
 
 
 @pytest.fixture()
-def ui(tmp_path):
-    from trainer.jobs import StandaloneHost
-    from trainer.ui import TrainTrainUI
-
-    u = TrainTrainUI(StandaloneHost(tmp_path / "work"))
-    u.build()
-    yield u
-    u.queue.stop()
-    u.queue.wait(60)
+def tab_workdir(tmp_path):  # the tab (conftest's ui) works apart from this test's data folders
+    return tmp_path / "work"
 
 
 def run_tab(ui, **kw):

@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from test_samples import tile
@@ -15,7 +14,7 @@ from test_ui import set_value, values_for
 from test_webui_adapter import tiny_ckpt, webui  # noqa: F401  (fixtures: the fake Web-UI, the tiny checkpoint)
 from trainer.config import Config
 from trainer.demo import draw_demo_images
-from trainer.jobs import DONE, StandaloneHost
+from trainer.jobs import DONE
 from trainer.samples import read_grid_info
 from trainer.ui import TrainTrainUI
 
@@ -24,15 +23,6 @@ FAST = dict(sample_steps=1, sample_cfg_scale=1, sample_size="64", sample_seed="3
 SMALL = dict(image_size="64", image_min_length=64, image_buckets_step=64, network_rank=2, network_alpha=2,
              train_iterations=2, train_seed=0, train_model_precision="fp32", save_precision="fp32",
              latent_cache_on_disk=False, train_batch_size=1)
-
-
-@pytest.fixture()
-def ui(tmp_path):
-    u = TrainTrainUI(StandaloneHost(tmp_path))
-    u.build()
-    yield u
-    u.queue.stop()
-    u.queue.wait(60)
 
 
 def ileco_values(ui, **settings):

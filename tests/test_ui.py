@@ -21,16 +21,6 @@ def upd(d):
     return {k: v for k, v in d.items() if k != "__type__"}
 
 
-@pytest.fixture()
-def ui(tmp_path):
-    host = StandaloneHost(tmp_path)
-    u = TrainTrainUI(host)
-    u.build()
-    yield u
-    u.queue.stop()
-    u.queue.wait(60)
-
-
 def values_for(ui, cfg: Config, model=None, **meta):
     """The widget values (input_names order) that show ``cfg``."""
     second = cfg.second_pass or cfg
