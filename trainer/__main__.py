@@ -103,8 +103,7 @@ def cmd_train(args) -> int:
     from .config import SettingError
     from .engine import OutputPaths, TrainingRun, output_problem, write_settings_json
     from .host.standalone import HostError, load_components
-    from .modes import mode_for
-    from .preflight import check_settings
+    from .preflight import check_inputs
 
     try:
         cfg = build_config(args)
@@ -114,10 +113,7 @@ def cmd_train(args) -> int:
     try:
         # bad inputs (images, prompts, optimizer / scheduler arguments, network_resume) first: they cost
         # nothing to check and leave no trace, not even an output folder
-        mode = mode_for(cfg.mode)
-        if hasattr(mode, "check") and not args.json_only:  # a settings file may be written ahead of its data
-            mode.check(cfg)
-        check_settings(cfg)
+        mode = check_inputs(cfg, mode_inputs=not args.json_only)  # a settings file may precede its data
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -770,18 +770,11 @@ def host_runner(host) -> Runner:
 
     def run(cfg: Config, control: RunControl):
         from .engine import RunResult, TrainingRun, write_settings_json
-        from .modes import mode_for
+        from .preflight import check_inputs
 
         paths = host.paths()
         try:
-            mode = mode_for(cfg.mode)
-            if hasattr(mode, "check"):  # bad inputs are reported before the model loads
-                mode.check(cfg)
-            from .preflight import check_settings
-
-            check_settings(cfg)  # optimizer / scheduler arguments, network_resume
-        except NotImplementedError as e:
-            return RunResult(False, str(e))
+            mode = check_inputs(cfg)  # bad inputs and settings are reported before the model loads
         except ValueError as e:
             return RunResult(False, str(e))
         from .engine import output_problem

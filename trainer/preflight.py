@@ -14,6 +14,22 @@ import os
 from .config import SettingError
 
 
+def check_inputs(cfg, *, mode_inputs: bool = True):
+    """What every front end checks before a model loads, in this order: the mode's own inputs (images,
+    prompts; ``mode_inputs`` False skips them, e.g. for a settings file written ahead of its data), then
+    check_settings. Returns the mode object; raises a ValueError (SettingError, DataError) naming the setting."""
+    from .modes import mode_for
+
+    try:
+        mode = mode_for(cfg.mode)
+    except NotImplementedError as e:
+        raise SettingError(str(e), setting="mode", value=cfg.mode) from None
+    if mode_inputs and hasattr(mode, "check"):
+        mode.check(cfg)
+    check_settings(cfg)
+    return mode
+
+
 def check_settings(cfg) -> None:
     """Raise SettingError (a ValueError) for the first bad value, naming the setting."""
     from .optim import OptimizerError, check_optimizer_settings, check_scheduler_settings

@@ -265,22 +265,14 @@ class TrainTrainUI:
                 raise SettingError(f'save_lora_name: "{cfg.save_lora_name}": {out} already exists; choose '
                                    f"another name or turn on save_overwrite", setting="save_lora_name",
                                    value=cfg.save_lora_name)
-        try:
-            from .modes import mode_for
+        from .preflight import check_inputs
 
-            mode_obj = mode_for(mode)
-        except NotImplementedError as e:
-            raise SettingError(str(e), setting="mode", value=mode) from None
-        from .preflight import check_settings
-
-        checks = [mode_obj.check] if hasattr(mode_obj, "check") else []
-        for check in checks + [check_settings]:  # the mode's inputs, then optimizer/scheduler args, network_resume
-            try:
-                check(cfg)
-            except SettingError as e:
-                raise SettingError(_name_uploads(str(e), cfg), setting=e.setting, value=e.value) from None
-            except ValueError as e:
-                raise SettingError(_name_uploads(str(e), cfg)) from None
+        try:  # the mode's inputs, then optimizer / scheduler arguments, network_resume
+            check_inputs(cfg)
+        except SettingError as e:
+            raise SettingError(_name_uploads(str(e), cfg), setting=e.setting, value=e.value) from None
+        except ValueError as e:
+            raise SettingError(_name_uploads(str(e), cfg)) from None
 
     def config_updates(self, cfg: Config, model: str | None = None) -> list:
         """Updates for every settings widget (input_names order) showing ``cfg``, with the visibility of its mode.
