@@ -51,15 +51,18 @@ def test_ctrl_c_saves_what_was_trained_like_stop(images, tmp_path):
                              "--iterations", "1000000000000", "--rank", "4", *map(str, SMALL)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True)
+    reader.start()
     seen = []
     try:
         while not any("/1000000000000 loss" in x for x in seen):
             seen.append(lines.get(timeout=240))
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=240)
+        proc.wait(timeout=240)
+        out = proc.stdout.read()  # stderr stays with the reader (communicate() would take lines from it)
     finally:
         proc.kill()
+    reader.join(60)
     while not lines.empty():
         seen.append(lines.get())
     err = "".join(seen)
