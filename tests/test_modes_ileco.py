@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from trainer.data.errors import DataError
 from trainer.modes.ileco import ILECOMode
 from trainer.networks.files import load_network_file
 
@@ -164,3 +165,74 @@ def test_empty_original_prompt_is_a_data_error_naming_the_setting(prompt):
     with pytest.raises(DataError, match="original_prompt is empty"):
         ILECOMode().check(cfg)
     ILECOMode().check(config("iLECO.json", original_prompt="red", target_prompt=""))  # erase: fine
+
+
+class TrajectoryProbe(ILECOMode):
+    """At step 2 (a LoRA with a clear effect), records the mode's latents and recomputes them by hand:
+    the same noise denoised with guided DDIM steps of the LoRA'd model until each sample's timestep."""
+
+    def __init__(self):
+        self.checked = None
+
+    def loss(self, step):
+        run = self.run
+        if step == 2:
+            from trainer.sampling import ddim_step, ddim_timesteps
+
+            with torch.no_grad():
+                for q in run.network.parameters():
+                    q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())) * 0.05)
+            state = run.generator.get_state()
+            z, t = self.latents()
+            run.generator.set_state(state)
+            b = self.shape[0]
+            torch.randint(len(self.stops), (b,), generator=run.generator)  # the stops, as latents() draws them
+            x = run.randn(self.shape)
+            ts = ddim_timesteps(self.cfg.leco_trajectory_steps)
+            ab = run.schedule.alphas_cumprod
+            want = {ts[0]: x.clone()}
+            with torch.no_grad():
+                for j in range(len(ts) - 1):
+                    tt = torch.full((b,), ts[j])
+
+                    def eps(prompt):
+                        return run.predict(x, tt, self.prompts.cond([prompt] * b, self.size))
+                    e = eps("") + 3.0 * (eps("red") - eps(""))
+                    x = ddim_step(e, x, float(ab[ts[j]]), float(ab[ts[j + 1]]))
+                    want[ts[j + 1]] = x.clone()
+                with run.network.multiplier(0):  # the frozen model's trajectory differs: the LoRA is used
+                    frozen_eps = run.predict(want[ts[0]], torch.full((b,), ts[0]), self.prompts.cond(["red"] * b,
+                                                                                                      self.size))
+                lora_eps = run.predict(want[ts[0]], torch.full((b,), ts[0]), self.prompts.cond(["red"] * b, self.size))
+            self.checked = (z, t, want, (lora_eps - frozen_eps).abs().max())
+        return super().loss(step)
+
+
+def test_trajectory_latents_are_the_loraed_models_own_guided_ddim_steps(tmp_path):
+    cfg = config("iLECO.json", original_prompt="red", target_prompt="blue", negative_prompt="",
+                 leco_trajectory_steps=4, train_min_timesteps=200, train_max_timesteps=1000, train_batch_size=4,
+                 train_iterations=2, train_model_precision="fp32")
+    mode = TrajectoryProbe()
+    _, result, _ = train(cfg, tmp_path, mode)
+    assert result.ok, result.message
+    z, t, want, lora_effect = mode.checked
+    assert lora_effect > 1e-2  # the LoRA changes the steps the latents come from
+    # 4 trailing steps: 999, 749, 499, 249; all within 200..999, so every stop is allowed
+    assert set(t.tolist()) <= {999, 749, 499, 249}
+    # the mode batches both guidance branches, the hand computation one prompt at a time: equal within
+    # float rounding, amplified by the guided steps of a random model (latents reach |x| ~ 35)
+    for i, ti in enumerate(t.tolist()):
+        torch.testing.assert_close(z[i], want[ti][i], rtol=1e-4, atol=2e-4)
+    # the stops come from the timestep range: 0..1000 by 4 steps gives no timestep in 300..400
+    cfg_bad = config("iLECO.json", original_prompt="red", leco_trajectory_steps=4, train_min_timesteps=300,
+                     train_max_timesteps=400)
+    with pytest.raises(DataError, match="leco_trajectory_steps: 4 DDIM steps"):
+        ILECOMode().check(cfg_bad)
+
+
+def test_trajectory_stops_keep_to_the_timestep_range():
+    from trainer.modes.ileco import trajectory_stops
+
+    assert trajectory_stops(0, 0, 1000) == []
+    assert trajectory_stops(4, 0, 1000) == [0, 1, 2, 3]
+    assert trajectory_stops(4, 250, 800) == [1, 2]  # 749, 499 (249 < 250)

@@ -972,6 +972,13 @@ ADDED_SETTINGS: tuple[Setting, ...] = (
     _row("leco_guidance_scale", "text", float, 1.0, "I",
          "Guidance scale of the full LECO objective (erase / enhance).",
          "本来のLECO(erase/enhance)のガイダンススケール。", min=0, addition=True),
+    _row("leco_trajectory_steps", "text", int, 0, "I",
+         "0 = train on pure noise at every timestep (the original). N = take each step's noisy latents from the "
+         "model's own DDIM denoising of the original prompt, with the LoRA, in N steps (LECO's method): the LoRA "
+         "learns on the images it will really change. Costs up to N extra guided U-Net calls per step (half on average).",
+         "0 = 各タイムステップで純粋なノイズで学習(元の方式)。N = 元プロンプトをLoRA込みでN段のDDIMでデノイズした途中の"
+         "潜在画像で学習します(LECOの方式)。実際に変える画像で学習できます。1ステップあたり最大N回(平均その半分)の"
+         "ガイダンス付きU-Net計算が増えます。", min=0, max=1000, addition=True),
     _row("model_zero_terminal_snr", "checkbox", bool, False, "all",
          "Rescale the noise schedule to zero terminal SNR (for v-prediction models trained that way).",
          "ノイズスケジュールをzero terminal SNRに補正します(そのように学習されたv-predモデル用)。",

@@ -11,11 +11,17 @@ c_o = c(original prompt), c_t = c(target prompt) ("" = erase), c_u = c(negative 
   with g = 1 is ESD: eps(u) - (eps(o) - eps(u))) and c_o for enhance (amplify the original concept).
   With g = 0 both reduce to the iLECO objective. The three frozen predictions run as one batch.
 
-w(t) is the min-SNR weight (``train_snr_gamma``). Latents: z ~ N(0, I) of ``image_size``/8 is drawn
-FRESH AT EVERY STEP (the original drew one latent once and reused it, so the LoRA could fit that one
-noise pattern; fresh noise makes it generalise to every seed) and used as-is at a random
-t ~ U[train_min_timesteps, train_max_timesteps), like the original; there is no partial denoising
-(LECO's sampling of x_t under the LoRA costs k extra U-Net calls per step).
+w(t) is the min-SNR weight (``train_snr_gamma``). Latents, by ``leco_trajectory_steps``:
+
+- 0 (the default, the original's): z ~ N(0, I) of ``image_size``/8 is drawn FRESH AT EVERY STEP (the
+  original drew one latent once and reused it, so the LoRA could fit that one noise pattern; fresh
+  noise makes it generalise to every seed) and used as-is at a random t ~ U[train_min_timesteps,
+  train_max_timesteps). At low t pure noise is nothing the model meets when it draws an image.
+- N: LECO's way (peers §5.2). Each sample stops at a random step j of an N-step DDIM trajectory
+  (trailing spacing, t_j within the timestep range) that starts from fresh noise and denoises the
+  original prompt with the LoRA as it is now (guidance ``TRAJECTORY_GUIDANCE`` against the negative
+  prompt, no grad); z = x_{t_j}, t = t_j. The LoRA then learns on the partly drawn images it will
+  change at inference, including what it already changed. Cost: max_j <= N guided calls per step.
 
 The conditionings are computed once, so no text-encoder adapter can learn anything (spec bug #15):
 the network has none and the file holds only U-Net tensors.
@@ -26,7 +32,11 @@ import torch
 
 from ..data.errors import DataError
 from ..engine import Pass
+from ..sampling import ddim_step, ddim_timesteps
 from .conditioning import PromptEmbeddings
+
+#: Classifier-free guidance of the trajectory that iLECO's latents come from (LECO's value).
+TRAJECTORY_GUIDANCE = 3.0
 
 
 class ILECOMode:
@@ -37,6 +47,11 @@ class ILECOMode:
         if not cfg.original_prompt.strip():
             raise DataError('original_prompt is empty: iLECO needs the prompt of the concept to change, e.g. '
                             '--original-prompt "red" --target-prompt "blue" (an empty target prompt erases it).')
+        n = cfg.leco_trajectory_steps
+        if n and not trajectory_stops(n, cfg.train_min_timesteps, cfg.train_max_timesteps):
+            raise DataError(f"leco_trajectory_steps: {n} DDIM steps ({ddim_timesteps(n)}) have no timestep in "
+                            f"train_min_timesteps..train_max_timesteps ({cfg.train_min_timesteps}.."
+                            f"{cfg.train_max_timesteps - 1}): use more steps or a wider range.")
 
     def passes(self, run):
         cfg = run.cfg
@@ -60,6 +75,9 @@ class ILECOMode:
         self.shape = (cfg.train_batch_size, channels, h // 8, w // 8)
         b = cfg.train_batch_size
         self.cond_o = self.prompts.cond([o] * b, self.size)
+        self.stops = trajectory_stops(cfg.leco_trajectory_steps, cfg.train_min_timesteps, cfg.train_max_timesteps)
+        if self.stops:
+            self.cond_guided = self.prompts.cond([u] * b + [o] * b, self.size)
         if self.objective == "iLECO":
             self.cond_frozen = self.prompts.cond([t] * b, self.size)
         else:  # neutral, positive (= original), unconditional: one batch of 3B
@@ -87,10 +105,36 @@ class ILECOMode:
             sign = -1.0 if self.objective == "erase" else 1.0
             return neutral + sign * self.guidance * (positive - uncond)
 
+    def latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, t): pure noise at random timesteps, or points of the LoRA'd model's own trajectory."""
+        run, b = self.run, self.shape[0]
+        if not self.stops:
+            return run.randn(self.shape), run.timesteps(b, self.cfg)
+        ts = ddim_timesteps(self.cfg.leco_trajectory_steps)
+        pick = torch.randint(len(self.stops), (b,), generator=run.generator)
+        stops = torch.tensor(self.stops)[pick]  # sample i stops before DDIM step stops[i]
+        x = run.randn(self.shape)
+        z = x.clone()
+        ab = run.schedule.alphas_cumprod
+        with torch.no_grad():
+            for j in range(int(stops.max())):
+                t = torch.full((2 * b,), ts[j], device=x.device, dtype=torch.long)
+                uncond, cond = run.predict(torch.cat([x, x]), t, self.cond_guided).chunk(2)
+                eps = uncond + TRAJECTORY_GUIDANCE * (cond - uncond)
+                x = ddim_step(eps, x, float(ab[ts[j]]), float(ab[ts[j + 1]]), run.schedule.v_prediction)
+                done = (stops == j + 1).to(x.device)
+                z[done] = x[done]
+        return z, run.to_device(torch.tensor([ts[int(s)] for s in stops]))
+
     def loss(self, step: int) -> torch.Tensor:
         run = self.run
-        z = run.randn(self.shape)
-        t = run.timesteps(self.shape[0], self.cfg)
+        z, t = self.latents()
         target = self.target(z, t)
         pred = run.predict(z, t, self.cond_o)
         return run.step_loss(pred, target, t, self.cfg)
+
+
+def trajectory_stops(steps: int, low: int, high: int) -> list[int]:
+    """Indices j of an ``steps``-step DDIM trajectory (see ``ddim_timesteps``) whose timestep lies in
+    [low, high): where a sample may stop; [] when ``steps`` is 0."""
+    return [j for j, t in enumerate(ddim_timesteps(steps)) if low <= t < high] if steps else []
