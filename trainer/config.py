@@ -972,6 +972,16 @@ ADDED_SETTINGS: tuple[Setting, ...] = (
     _row("leco_guidance_scale", "text", float, 1.0, "I",
          "Guidance scale of the full LECO objective (erase / enhance).",
          "本来のLECO(erase/enhance)のガイダンススケール。", min=0, addition=True),
+    _row("lora_trigger_preservation", "text", float, 0.0, "L",
+         "0 = off. W = keep prompts without the trigger word as the base model draws them: each step also trains "
+         "the batch's captions with the trigger word taken out to give the frozen model's prediction on the same "
+         "noisy images, with weight W (ai-toolkit's differential output preservation; 1 is a good start). Stops the "
+         "LoRA from carrying what the captions do not name (a background, a colour) onto other prompts. Needs "
+         "lora_trigger_word; costs one frozen and one trained U-Net pass more per step.",
+         "0 = 無効。W = トリガーワードのないプロンプトをベースモデルのままに保ちます。毎ステップ、トリガーワードを除いた"
+         "キャプションで、同じノイズ画像に対する元モデルの予測を出すように重みWで学習します(ai-toolkitのdifferential "
+         "output preservation。1が目安)。キャプションにない要素(背景や色)が他のプロンプトに移るのを防ぎます。"
+         "lora_trigger_wordが必要。1ステップあたりU-Net計算が凍結1回・学習1回増えます。", min=0, addition=True),
     _row("leco_trajectory_steps", "text", int, 0, "I",
          "0 = train on pure noise at every timestep (the original). N = take each step's noisy latents from the "
          "model's own DDIM denoising of the original prompt, with the LoRA, in N steps (LECO's method): the LoRA "

@@ -66,6 +66,14 @@ def caption_for(
     return _join(trigger, ", ", read_caption_file(sidecar, warn=warn))
 
 
+def without_trigger(caption: str, trigger: str) -> str:
+    """The caption with every comma-separated tag that is the trigger word taken out."""
+    trigger = trigger.strip()
+    if not trigger:
+        return caption
+    return ", ".join(t.strip() for t in caption.split(",") if t.strip() and t.strip() != trigger)
+
+
 def _join(trigger: str, separator: str, body: str) -> str:
     if trigger and body:
         return trigger + separator + body

@@ -2,6 +2,11 @@
 
 Loss per step: || eps_theta+Delta(x_t, t, c(caption)) - target ||, with x_t the cached latent
 noised to a random t, and target the noise (or v for v-prediction models).
+
+With ``lora_trigger_preservation`` W > 0 (ai-toolkit's differential output preservation), plus
+W * || eps_theta+Delta(x_t, t, c(caption - trigger)) - sg[eps_theta(x_t, t, c(caption - trigger))] ||:
+the same noisy latents under the caption without its trigger word must give what the frozen model
+gives, so what the captions do not name (a background, a colour) is tied to the trigger word only.
 """
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from collections import Counter
 import torch
 
 from ..data.cache import LatentCache
-from ..data.captions import tag_frequency
+from ..data.errors import DataError
+from ..data.captions import tag_frequency, without_trigger
 from ..data.dataset import BucketBatcher, build_samples
 from ..engine import Pass, place
 from ..models.prompts import chunk_prompt, encode_prompts
@@ -20,8 +26,15 @@ from .base import SizeCond, UNetCond, pad_chunks, unet_cond
 class LoRAMode:
     name = "LoRA"
 
+    def check(self, cfg) -> None:
+        if cfg.lora_trigger_preservation > 0 and not cfg.lora_trigger_word.strip():
+            raise DataError(f"lora_trigger_preservation: {cfg.lora_trigger_preservation:g} keeps prompts without the "
+                            "trigger word unchanged, but lora_trigger_word is empty: set a trigger word or set "
+                            "lora_trigger_preservation to 0.")
+
     def passes(self, run):
         cfg = run.cfg
+        self.check(cfg)
         train_te = "BASE" in cfg.network_blocks
         self.prepare(run, train_te)
         yield Pass(cfg, self.loss, cfg.save_lora_name, train_text_encoder=train_te)
@@ -55,6 +68,8 @@ class LoRAMode:
                 on_device[id(x)] = x.to(run.device)
         self.latents = [on_device[id(x)] for x in latents]
         self.captions = [s.caption for s in samples]
+        self.preserve = float(cfg.lora_trigger_preservation)
+        self.plain = [without_trigger(c, cfg.lora_trigger_word) for c in self.captions] if self.preserve else []
         self.buckets = [s.bucket for s in samples]
         self.sizes = [SizeCond(*s.size_cond_hw()) for s in samples]  # SDXL: pixels, per sample
         self.batcher = BucketBatcher(self.buckets, cfg.train_batch_size, seed=run.seed, warn=run.log)
@@ -69,7 +84,7 @@ class LoRAMode:
             encoders = run.components.text_encoders
             for te in encoders:
                 place(te, run.device, run.dtype)
-            self.embeddings = encode_captions(run, sorted(set(self.captions) | {""}), cfg.clip_skip,
+            self.embeddings = encode_captions(run, sorted(set(self.captions) | set(self.plain) | {""}), cfg.clip_skip,
                                               emphasis=cfg.caption_emphasis)
             for te in encoders:
                 place(te, "cpu")
@@ -97,8 +112,20 @@ class LoRAMode:
         noise = run.randn(x0.shape)
         t = run.timesteps(x0.shape[0])
         noisy = run.schedule.add_noise(x0, noise, t)
-        pred = run.predict(noisy, t, self._cond([self.captions[i] for i in idx], [self.sizes[i] for i in idx]))
-        return run.step_loss(pred, run.schedule.target(x0, noise, t), t)
+        sizes = [self.sizes[i] for i in idx]
+        pred = run.predict(noisy, t, self._cond([self.captions[i] for i in idx], sizes))
+        loss = run.step_loss(pred, run.schedule.target(x0, noise, t), t)
+        if self.preserve:
+            loss = loss + self.preserve * self.preservation_loss(noisy, t, self._cond([self.plain[i] for i in idx],
+                                                                                        sizes))
+        return loss
+
+    def preservation_loss(self, noisy: torch.Tensor, t: torch.Tensor, plain: UNetCond) -> torch.Tensor:
+        """The LoRA'd model against the frozen one on the captions without the trigger word."""
+        run = self.run
+        with torch.no_grad(), run.network.multiplier(0):
+            frozen = run.predict(noisy, t, plain)
+        return run.step_loss(run.predict(noisy, t, plain), frozen, t)
 
 
 def encode_captions(run, texts: list[str], clip_skip: int, batch: int = 16, emphasis: bool = False) -> dict:
