@@ -103,7 +103,7 @@ def test_59_original_rows_in_order_with_defaults_and_visibility():
 
 def test_additions_are_marked_and_at_the_end():
     added = {s.name: s for s in C.ADDED_SETTINGS}
-    assert set(added) == {"caption_emphasis", "clip_skip", "leco_objective", "leco_guidance_scale", "model_zero_terminal_snr",
+    assert set(added) == {"caption_emphasis", "clip_skip", "leco_objective", "leco_guidance_scale", "leco_trajectory_steps", "lora_trigger_preservation", "model_zero_terminal_snr",
                           "train_max_grad_norm", "latent_cache_on_disk", "sample_every_n_steps", "sample_prompts",
                           "sample_negative_prompt", "sample_multipliers", "sample_seed", "sample_steps",
                           "sample_cfg_scale", "sample_sampler", "sample_size", "diff_timestep_schedule"}
@@ -457,7 +457,7 @@ def test_shipped_preset(name):
     # captions literal, ADDifT's timestep cycle, which the ADDifT presets write out)
     if name.startswith("ADDifT"):
         assert cfg.diff_timestep_schedule == "cycle"  # the original's, which they were tuned on
-    predates = {"caption_emphasis"} | (set() if name.startswith("ADDifT") else {"diff_timestep_schedule"})
+    predates = {"caption_emphasis", "leco_trajectory_steps", "lora_trigger_preservation"} | (set() if name.startswith("ADDifT") else {"diff_timestep_schedule"})
 
     def predating(d):
         return {k: predating(v) if isinstance(v, dict) and k == "2nd pass" else v for k, v in d.items()
