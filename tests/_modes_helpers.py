@@ -53,3 +53,11 @@ def cli(*args, cwd):
     env = {**os.environ, "TT_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def give_effect(network, scale: float) -> None:
+    """Add seeded noise of ``scale`` to every network tensor, so the LoRA visibly changes predictions
+    (a fresh LoRA's up weights are zero: it changes nothing)."""
+    with torch.no_grad():
+        for q in network.parameters():
+            q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())) * scale)

@@ -10,7 +10,7 @@ from trainer.data.errors import DataError
 from trainer.models.tiny import tiny_components
 from trainer.modes.lora import LoRAMode
 
-from _modes_helpers import config, draw, train
+from _modes_helpers import config, draw, give_effect, train
 
 
 @pytest.mark.parametrize("caption,trigger,plain", [
@@ -51,9 +51,7 @@ class Probe(LoRAMode):
         run = self.run
         if step != 2:
             return super().loss(step)
-        with torch.no_grad():
-            for q in run.network.parameters():
-                q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())) * 0.05)
+        give_effect(run.network, 0.05)
         state = run.generator.get_state()
         batcher = copy.deepcopy(self.batcher)
         got = super().loss(step)

@@ -6,7 +6,7 @@ from trainer.data.errors import DataError
 from trainer.modes.ileco import ILECOMode
 from trainer.networks.files import load_network_file
 
-from _modes_helpers import PRESETS, SMALL_ARGS, cli, config, train
+from _modes_helpers import PRESETS, SMALL_ARGS, cli, config, give_effect, train
 
 
 def test_ileco_from_the_cli_saves_unet_only_with_the_prompts_in_the_metadata(tmp_path):
@@ -101,9 +101,7 @@ class TrainedProbe(ILECOMode):
     def loss(self, step):
         run = self.run
         if step == 2:
-            with torch.no_grad():
-                for q in run.network.parameters():
-                    q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())) * 0.5)
+            give_effect(run.network, 0.5)
             b = self.shape[0]
             z = torch.randn(self.shape, generator=torch.Generator().manual_seed(5))
             t = torch.tensor([100, 700][:b])
@@ -179,9 +177,7 @@ class TrajectoryProbe(ILECOMode):
         if step == 2:
             from trainer.sampling import ddim_step, ddim_timesteps
 
-            with torch.no_grad():
-                for q in run.network.parameters():
-                    q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())) * 0.05)
+            give_effect(run.network, 0.05)
             state = run.generator.get_state()
             z, t = self.latents()
             run.generator.set_state(state)
